@@ -1,0 +1,287 @@
+"""Typed configuration: one tree that TOML files and CLI flags both map onto.
+
+Each component owns a small dataclass; :class:`NodeConfig` composes them. Every field is
+documented in its ``field(metadata={"help": ...})`` — the same text feeds ``--help`` and the
+commented TOML that ``p2pnode init`` writes. Validation happens on construction and raises
+:class:`~p2pnode.errors.ConfigError` naming the dotted field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from p2pnode.errors import ConfigError
+
+_PARTITION_RE = re.compile(r"^(iid|dirichlet:(\d+(\.\d*)?|\.\d+)(e-?\d+)?)$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if "default_factory" in kw:
+        return field(metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+def _require(cond: bool, name: str, value: object, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(name, value, allowed)
+
+
+@dataclass(kw_only=True, slots=True)
+class TaskConfig:
+    """What this node learns and from which data."""
+
+    name: str = _doc("task: digits | fashion-mnist | package.module:factory", "digits")
+    data_dir: str | None = _doc("directory with the task's data files (default: system package path)", None)
+    partition: str = _doc("how the training split is sharded: iid | dirichlet:ALPHA", "iid")
+    shard: int = _doc("index of this node's shard (0-based)", 0)
+    num_shards: int = _doc("number of shards the training split is cut into", 1)
+    batch_size: int = _doc("local SGD mini-batch size", 32)
+    lr: float = _doc("local SGD learning rate", 0.05)
+    momentum: float = _doc("local SGD momentum", 0.9)
+    local_steps: int = _doc("local SGD steps between two gossip exchanges (H)", 20)
+    eval_every: int = _doc("evaluate on the held-out test split every this many rounds", 1)
+    eval_samples: int = _doc("test samples used for per-round evaluation (the final one uses all)", 2000)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "task.name", self.name, "digits | fashion-mnist | package.module:factory")
+        _require(bool(_PARTITION_RE.match(self.partition)), "task.partition", self.partition,
+                 "iid | dirichlet:ALPHA with ALPHA > 0")
+        if self.partition.startswith("dirichlet:"):
+            _require(float(self.partition.split(":", 1)[1]) > 0, "task.partition", self.partition,
+                     "dirichlet:ALPHA with ALPHA > 0")
+        _require(self.num_shards >= 1, "task.num_shards", self.num_shards, "integer >= 1")
+        _require(0 <= self.shard < self.num_shards, "task.shard", self.shard,
+                 f"0 <= shard < num_shards ({self.num_shards})")
+        _require(self.batch_size >= 1, "task.batch_size", self.batch_size, "integer >= 1")
+        _require(self.lr > 0, "task.lr", self.lr, "float > 0")
+        _require(0 <= self.momentum < 1, "task.momentum", self.momentum, "0 <= momentum < 1")
+        _require(self.local_steps >= 1, "task.local_steps", self.local_steps, "integer >= 1")
+        _require(self.eval_every >= 1, "task.eval_every", self.eval_every, "integer >= 1")
+        _require(self.eval_samples >= 1, "task.eval_samples", self.eval_samples, "integer >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class NetworkConfig:
+    """Identity, addresses and membership on the DHT."""
+
+    swarm: str = _doc("swarm name: nodes only see members of the same swarm", "default")
+    identity: str = _doc("Ed25519 key file (created with mode 0600 if missing)", "~/.p2pnode/identity.key")
+    host_maddrs: list[str] = _doc("multiaddrs to listen on (0 = any free port)",
+                                  default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    announce_maddrs: list[str] = _doc("multiaddrs other machines should use to reach this node",
+                                      default_factory=list)
+    initial_peers: list[str] = _doc("multiaddrs of running nodes to join through (empty: start a new swarm)",
+                                    default_factory=list)
+    heartbeat_s: float = _doc("how often the membership record is re-published", 2.0)
+    record_ttl_s: float = _doc("lifetime of a membership record; a silent peer drops out after this", 8.0)
+    unreachable_s: float = _doc("how long a peer that failed an exchange is left out of sampling", 10.0)
+    max_message_mb: float = _doc("largest message accepted from a peer, in MiB (checked before allocating)",
+                                 256.0)
+    chunk_kb: int = _doc("stream chunk size in KiB", 1024)
+
+    def __post_init__(self) -> None:
+        _require(bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.swarm)), "network.swarm", self.swarm,
+                 "1-64 characters from A-Z a-z 0-9 _ . -")
+        for name in ("host_maddrs", "announce_maddrs", "initial_peers"):
+            for maddr in getattr(self, name):
+                _require(isinstance(maddr, str) and maddr.startswith("/"), f"network.{name}", maddr,
+                         "multiaddrs such as /ip4/127.0.0.1/tcp/31337")
+        for maddr in self.initial_peers:
+            _require("/p2p/" in maddr, "network.initial_peers", maddr,
+                     "full multiaddrs ending in /p2p/<peer id> (as printed by `p2pnode run`)")
+        _require(self.heartbeat_s > 0, "network.heartbeat_s", self.heartbeat_s, "float > 0")
+        _require(self.record_ttl_s > self.heartbeat_s, "network.record_ttl_s", self.record_ttl_s,
+                 f"float > heartbeat_s ({self.heartbeat_s})")
+        _require(self.unreachable_s >= 0, "network.unreachable_s", self.unreachable_s, "float >= 0")
+        _require(0 < self.max_message_mb <= 4096, "network.max_message_mb", self.max_message_mb,
+                 "0 < MiB <= 4096")
+        _require(4 <= self.chunk_kb <= 16384, "network.chunk_kb", self.chunk_kb, "4 <= KiB <= 16384")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 2**20)
+
+
+@dataclass(kw_only=True, slots=True)
+class GossipConfig:
+    """The round loop: how many rounds, with how many peers, merged how."""
+
+    rounds: int = _doc("rounds to run (0 = until stopped)", 0)
+    fanout: int = _doc("peers sampled for a push-pull exchange each round (k)", 2)
+    aggregator: str = _doc("merge rule for own + received models (robust rules: see `--help`)", "mean")
+    max_inbox: int = _doc("most pushed models kept between two merges (latest per peer)", 64)
+    wait_peers: int = _doc("wait (up to wait_peers_s) for this many live peers before round 1", 0)
+    wait_peers_s: float = _doc("longest wait for wait_peers", 30.0)
+    linger_s: float = _doc("after the last round, keep answering peers this long before exiting", 5.0)
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 0, "gossip.rounds", self.rounds, "integer >= 0 (0 = forever)")
+        _require(self.fanout >= 0, "gossip.fanout", self.fanout, "integer >= 0")
+        _require(self.max_inbox >= 1, "gossip.max_inbox", self.max_inbox, "integer >= 1")
+        _require(self.wait_peers >= 0, "gossip.wait_peers", self.wait_peers, "integer >= 0")
+        _require(self.wait_peers_s >= 0, "gossip.wait_peers_s", self.wait_peers_s, "float >= 0")
+        _require(self.linger_s >= 0, "gossip.linger_s", self.linger_s, "float >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class Timeouts:
+    """Every network deadline, in seconds, in one place."""
+
+    connect: float = _doc("opening a stream to a peer (including dialing it)", 5.0)
+    exchange: float = _doc("one whole push-pull exchange, send and receive", 30.0)
+    serve_read: float = _doc("reading an incoming request once its stream is open", 30.0)
+    dht: float = _doc("one DHT store or get", 10.0)
+    shutdown: float = _doc("closing the DHT and transport on exit", 3.0)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            _require(isinstance(value, int | float) and value > 0, f"timeouts.{f.name}", value, "seconds > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class OutputConfig:
+    """Where the node reports what it does."""
+
+    metrics_file: str | None = _doc("append one JSON line per round here", None)
+    ready_file: str | None = _doc("write {peer_id, maddrs} here once joined", None)
+    result_file: str | None = _doc("write the final evaluation here after the last round", None)
+    log_level: str = _doc("debug | info | warning | error", "info")
+
+    def __post_init__(self) -> None:
+        _require(self.log_level in _LOG_LEVELS, "output.log_level", self.log_level, " | ".join(_LOG_LEVELS))
+
+
+@dataclass(kw_only=True, slots=True)
+class NodeConfig:
+    """Everything one node needs; built from defaults, then a TOML file, then CLI flags."""
+
+    device: str = _doc("where to train: auto | cpu | cuda | cuda:N", "auto")
+    seed: int = _doc("seeds model init, data partition and peer sampling", 0)
+    threads: int = _doc("torch CPU threads (0 = torch default)", 0)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(_DEVICE_RE.match(self.device)), "device", self.device, "auto | cpu | cuda | cuda:N")
+        _require(self.threads >= 0, "threads", self.threads, "integer >= 0")
+
+
+SECTIONS: dict[str, type] = {
+    "task": TaskConfig,
+    "network": NetworkConfig,
+    "gossip": GossipConfig,
+    "timeouts": Timeouts,
+    "output": OutputConfig,
+}
+
+
+def _coerce(path: str, value: Any, default: Any) -> Any:
+    """Check a TOML value's type against the field's default, with int -> float widening."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int)
+    elif isinstance(default, list):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:  # str or None defaults
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(path, value, f"a value of type {type(default).__name__}")
+    return value
+
+
+def _build(cls: type, prefix: str, values: dict[str, Any]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}", value, "one of: " + ", ".join(sorted(known)))
+        default = known[key].default
+        if default is dataclasses.MISSING:
+            default = known[key].default_factory()  # type: ignore[misc]
+        kwargs[key] = _coerce(f"{prefix}{key}", value, default)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> NodeConfig:
+    """Build a validated config from a nested dict (the TOML layout)."""
+    top: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(key, value, "a [section] table")
+            sections[key] = _build(SECTIONS[key], f"{key}.", value)
+        else:
+            top[key] = value
+    node_defaults = NodeConfig()
+    scalar = {k: v for k, v in top.items()}
+    for key, value in scalar.items():
+        if key not in ("device", "seed", "threads"):
+            raise ConfigError(key, value, "device, seed, threads or a section: " + ", ".join(SECTIONS))
+        scalar[key] = _coerce(key, value, getattr(node_defaults, key))
+    return NodeConfig(**scalar, **sections)
+
+
+def config_to_dict(config: NodeConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    """Defaults, then the TOML file at ``path`` (if any), then dotted ``overrides`` (CLI flags)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError("--config", str(path), "an existing TOML file (create one: p2pnode init)") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", str(path), f"valid TOML ({exc})") from exc
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.rpartition(".")
+        target = data.setdefault(section, {}) if section else data
+        target[key] = value
+    return config_from_dict(data)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def default_toml() -> str:
+    """A commented TOML file holding every default (what ``p2pnode init`` writes)."""
+    lines = ["# p2pnode configuration. CLI flags override these values.", ""]
+    defaults = NodeConfig()
+    for f in fields(NodeConfig):
+        if f.name in SECTIONS:
+            continue
+        lines += [f"# {f.metadata['help']}", f"{f.name} = {_toml_value(getattr(defaults, f.name))}"]
+    for section, cls in SECTIONS.items():
+        lines += ["", f"[{section}]", f"# {cls.__doc__.strip().splitlines()[0]}"]
+        instance = getattr(defaults, section)
+        for f in fields(cls):
+            value = getattr(instance, f.name)
+            lines.append(f"# {f.metadata['help']}")
+            lines.append(f"{f.name} = {_toml_value(value)}" if value is not None else f"# {f.name} = ")
+    return "\n".join(lines) + "\n"

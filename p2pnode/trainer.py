@@ -1,0 +1,277 @@
+"""Local SGD training of one node's model, and the flat-vector view of model state.
+
+Gossip exchanges models as one flat float32 vector: :func:`flatten_state` concatenates every
+floating-point entry of ``model.state_dict()`` (parameters and float buffers) in state_dict order,
+and :func:`assign_flat_` writes such a vector back. :func:`spec_fingerprint` lets peers check that
+they hold the same architecture before merging.
+
+:class:`LocalTrainer` owns the model, its optimizer and the batch sampler. The node runs
+:meth:`LocalTrainer.train_steps` in a worker thread while the event loop reads or writes the
+vector, so a lock guards the model: it is held for each SGD step, never across all of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import threading
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from p2pnode.errors import ConfigError, TaskError
+from p2pnode.tasks.base import TaskData
+
+logger = logging.getLogger(__name__)
+
+_EVAL_BATCH = 1024
+_DEVICE_ALLOWED = "auto | cpu | cuda | cuda:N"
+
+
+def limit_threads(n: int | None) -> None:
+    """Cap torch's intra-op (and, if still possible, inter-op) CPU threads.
+
+    Parameters
+    ----------
+    n
+        Thread count; ``None`` or ``0`` leaves torch's default.
+    """
+    if not n:
+        return
+    if n < 0:
+        raise ConfigError("threads", n, "integer >= 0")
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:
+        # Only allowed before any inter-op work has started; the intra-op cap matters most.
+        logger.debug("torch inter-op thread count already fixed; left at %d", torch.get_num_interop_threads())
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map ``"auto" | "cpu" | "cuda" | "cuda:N"`` to a device that exists here.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown name, or a CUDA device that is not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise ConfigError("device", name, _DEVICE_ALLOWED)
+    if not torch.cuda.is_available():
+        raise ConfigError("device", name, "auto | cpu | cuda (no CUDA device is available here)")
+    device = torch.device(name)
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError("device", name, f"auto | cpu | cuda | cuda:0..cuda:{count - 1}")
+    return device
+
+
+def _float_entries(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+
+
+def flatten_state(model: nn.Module) -> torch.Tensor:
+    """Return a CPU float32 1-D copy of all floating-point state_dict entries, in order."""
+    parts = [v.detach().reshape(-1).to("cpu", torch.float32) for _, v in _float_entries(model)]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float32)
+
+
+def model_spec(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """Return ``(name, shape)`` of each entry of the flat vector, in order."""
+    return [(k, tuple(v.shape)) for k, v in _float_entries(model)]
+
+
+def spec_fingerprint(model: nn.Module) -> bytes:
+    """Return a 16-byte blake2b digest over the names, shapes and dtypes of the flat entries."""
+    h = hashlib.blake2b(digest_size=16)
+    for k, v in _float_entries(model):
+        h.update(f"{k}|{tuple(v.shape)}|{v.dtype}\n".encode())
+    return h.digest()
+
+
+@torch.no_grad()
+def assign_flat_(model: nn.Module, flat: torch.Tensor) -> None:
+    """Write a flat vector (as produced by :func:`flatten_state`) back into ``model`` in place.
+
+    Raises
+    ------
+    ValueError
+        If ``flat`` is not 1-D or its length differs from the model's flat size.
+    """
+    _apply_flat(model, flat, add=False)
+
+
+@torch.no_grad()
+def _apply_flat(model: nn.Module, flat: torch.Tensor, *, add: bool) -> None:
+    entries = _float_entries(model)
+    total = sum(v.numel() for _, v in entries)
+    if flat.dim() != 1 or flat.numel() != total:
+        raise ValueError(f"flat vector has shape {tuple(flat.shape)}, model needs ({total},)")
+    if not entries:
+        return
+    flat = flat.to(entries[0][1].device)
+    offset = 0
+    for _, tensor in entries:
+        chunk = flat[offset : offset + tensor.numel()].view_as(tensor).to(tensor.dtype)
+        if add:
+            tensor.add_(chunk)
+        else:
+            tensor.copy_(chunk)
+        offset += tensor.numel()
+
+
+class LocalTrainer:
+    """SGD with momentum on one node's shard, plus thread-safe access to the flat model vector.
+
+    Parameters
+    ----------
+    model
+        The task's model; moved to ``device``.
+    data
+        This node's shard and the test split; copied to ``device`` once.
+    lr, momentum, batch_size
+        SGD hyper-parameters.
+    device
+        Where to train and evaluate.
+    seed
+        Seeds the batch sampler (a private :class:`torch.Generator`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: TaskData,
+        *,
+        lr: float,
+        momentum: float,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        if len(data.train_y) == 0:
+            raise TaskError("this node's training shard is empty; use fewer shards or another partition")
+        if batch_size < 1:
+            raise ConfigError("task.batch_size", batch_size, "integer >= 1")
+        self.device = device
+        self.model = model.to(device).train()
+        self._eval_model = copy.deepcopy(self.model).eval()
+        self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
+        self.test_x, self.test_y = data.test_x.to(device), data.test_y.to(device)
+        self.batch_size = min(batch_size, len(self.train_y))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum)
+        self._generator = torch.Generator().manual_seed(seed % 2**64)
+        self._perm = torch.empty(0, dtype=torch.int64, device=device)
+        self._cursor = 0
+        self._lock = threading.Lock()
+        self._num_params = sum(v.numel() for _, v in _float_entries(self.model))
+        self.steps_done = 0
+
+    @property
+    def num_params(self) -> int:
+        """Length of the flat model vector."""
+        return self._num_params
+
+    def train_steps(self, n: int) -> float:
+        """Run ``n`` SGD steps and return their mean cross-entropy loss.
+
+        The lock is taken for each step, so readers and writers of the vector interleave.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        total = torch.zeros((), device=self.device)
+        for _ in range(n):
+            idx = self._next_batch()
+            with self._lock:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(self.model(self.train_x[idx]), self.train_y[idx])
+                loss.backward()
+                self.optimizer.step()
+                self.steps_done += 1
+            total += loss.detach()
+        return float(total.item()) / n
+
+    def _next_batch(self) -> torch.Tensor:
+        if self._cursor + self.batch_size > len(self._perm):
+            perm = torch.randperm(len(self.train_y), generator=self._generator)
+            self._perm, self._cursor = perm.to(self.device), 0
+        idx = self._perm[self._cursor : self._cursor + self.batch_size]
+        self._cursor += self.batch_size
+        return idx
+
+    @torch.no_grad()
+    def evaluate(self, max_samples: int | None = None) -> tuple[float, float]:
+        """Return ``(accuracy, mean cross-entropy)`` on the first ``max_samples`` test samples.
+
+        The current weights are copied under the lock into a private eval-mode copy of the model,
+        so training may continue while the evaluation runs.
+        """
+        n = len(self.test_y) if max_samples is None else min(max_samples, len(self.test_y))
+        if n < 1:
+            raise ValueError("nothing to evaluate: the test split is empty or max_samples < 1")
+        with self._lock:
+            self._eval_model.load_state_dict(self.model.state_dict())
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        loss_sum = torch.zeros((), device=self.device)
+        for start in range(0, n, _EVAL_BATCH):
+            stop = min(start + _EVAL_BATCH, n)
+            x, y = self.test_x[start:stop], self.test_y[start:stop]
+            logits = self._eval_model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(dim=1) == y).sum()
+        return float(correct.item()) / n, float(loss_sum.item()) / n
+
+    def get_flat(self) -> torch.Tensor:
+        """Return a CPU float32 copy of the flat model vector."""
+        with self._lock:
+            return flatten_state(self.model)
+
+    def set_flat_(self, flat: torch.Tensor) -> None:
+        """Replace the model's weights by ``flat`` (raises ValueError on a length mismatch)."""
+        with self._lock:
+            _apply_flat(self.model, flat, add=False)
+
+    def add_flat_(self, delta: torch.Tensor) -> None:
+        """Add ``delta`` to the model's weights in place, on the model's device."""
+        with self._lock:
+            _apply_flat(self.model, delta, add=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return a detached CPU snapshot of model, optimizer, sampler and step count."""
+        with self._lock:
+            return {
+                "model": _to_cpu(self.model.state_dict()),
+                "optimizer": _to_cpu(self.optimizer.state_dict()),
+                "steps_done": self.steps_done,
+                "generator": self._generator.get_state(),
+                "perm": self._perm.cpu(),
+                "cursor": self._cursor,
+            }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a snapshot taken by :meth:`state_dict` (the same task and architecture)."""
+        with self._lock:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.steps_done = int(state["steps_done"])
+            self._generator.set_state(state["generator"])
+            self._perm = state["perm"].to(self.device)
+            self._cursor = int(state["cursor"])
+
+
+def _to_cpu(tree: Any) -> Any:
+    """Deep-copy a nested dict/list of tensors onto the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return copy.deepcopy(tree)

@@ -240,7 +240,9 @@ class Swarm:
         cmd += ["--metrics-file", str(p.metrics), "--ready-file", str(p.ready),
                 "--result-file", str(p.result), "--linger-s", str(o.linger_s),
                 "--fanout", str(o.fanout), "--local-steps", str(o.local_steps), "--device", o.device,
-                "--threads", "1", "--log-level", o.log_level, *o.extra_args]
+                "--threads", "1", "--log-level", o.log_level,
+                # every node waits (bounded) until the others are in its view, so none races ahead alone
+                "--wait-peers", str(o.nodes - 1), *o.extra_args]
         return cmd
 
     def _launch(self, i: int) -> None:

@@ -1,0 +1,386 @@
+"""DHT membership: signed records under one swarm key, a heartbeat, and random peer sampling.
+
+Each peer stores a :class:`~protocols.records.MembershipRecord`, signed with its Ed25519 identity,
+under the DHT key :func:`swarm_key` with *subkey* = its peer id, and re-publishes it every
+heartbeat with a short expiration. hivemind hashes DHT keys, so an owner marker only protects a
+record when it sits in the subkey (DESIGN §3): :class:`Ed25519RecordValidator` runs inside every
+DHT node and refuses, for guarded keys, any record that is not signed by the peer its subkey names.
+Readers never trust the DHT anyway: :meth:`Membership.refresh` verifies every record again.
+
+hivemind findings that shape this module:
+
+- ``DHTRecord.key`` is ``DHTID.generate(source=key).to_bytes()`` (a hash), ``subkey`` is the
+  msgpack of the subkey object and ``value`` the msgpack of the value object (here: ``bin``).
+- One bad subkey makes hivemind drop the *whole* dictionary that a remote node returns, so
+  refusing bad records at store time (validator on every honest node) matters.
+- ``P2P.create`` checks "is this identity already taken?" with ``PeerID.from_identity``, which
+  only understands RSA keys; with an Ed25519 key file and initial peers it raises. We pass
+  ``check_if_identity_free=False``.
+- A replayed, genuinely signed old record cannot be given a longer life: the validator bounds the
+  expiration by the record's signed timestamp plus ``max_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from functools import partial
+from typing import Any, TypeVar
+
+import hivemind
+import msgpack
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p import P2PDaemonError
+from hivemind.utils import MSGPackSerializer, get_dht_time
+
+from p2pnode.errors import ConfigError, IdentityError, P2PNodeError, PeerUnreachable
+from p2pnode.identity import Identity
+from protocols.errors import ProtocolError
+from protocols.records import MAX_NAME_CHARS, MAX_RECORD_BYTES, MembershipRecord, pack_record, unpack_record
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DEFAULT_MAX_TTL_S = 600.0
+
+
+class MembershipError(P2PNodeError):
+    """A DHT store or get failed or timed out (the DHT, not one peer, is at fault)."""
+
+
+class DHTStartError(P2PNodeError):
+    """The local DHT (libp2p daemon + DHT process) could not be started."""
+
+
+def swarm_key(swarm: str) -> str:
+    """The DHT key under which the members of ``swarm`` publish their records."""
+    return f"p2pnode.members.{swarm}"
+
+
+def _key_id(swarm: str) -> bytes:
+    return DHTID.generate(source=swarm_key(swarm)).to_bytes()
+
+
+def _subkey_bytes(peer_id: str) -> bytes:
+    return MSGPackSerializer.dumps(peer_id)
+
+
+# ------------------------------------------------------------------------------------ validator
+
+
+class Ed25519RecordValidator(RecordValidatorBase):
+    """Only a peer itself may write the subkey named after it under a guarded swarm key.
+
+    For a record under a guarded key it requires: the subkey is the canonical msgpack of a peer id
+    string; the value is a msgpack ``bin`` holding a record that :func:`unpack_record` accepts
+    (signature by that record's peer id); the record's peer id equals the subkey and its swarm the
+    guarded swarm; the DHT expiration is at most ``timestamp + max_ttl_s``. Plain values (no
+    subkey) under a guarded key are refused, so nobody can overwrite the whole member table.
+    Records under other keys pass untouched. Plain attributes only: it is pickled into the DHT
+    process.
+    """
+
+    def __init__(self, swarms: Iterable[str], *, max_ttl_s: float = DEFAULT_MAX_TTL_S,
+                 max_record_bytes: int = MAX_RECORD_BYTES) -> None:
+        self.guarded: dict[bytes, str] = {_key_id(swarm): swarm for swarm in swarms}
+        self.max_ttl_s = max_ttl_s
+        self.max_record_bytes = max_record_bytes
+
+    def validate(self, record: DHTRecord) -> bool:
+        swarm = self.guarded.get(record.key)
+        if swarm is None:
+            return True
+        try:
+            verify_dht_record(record.subkey, record.value, record.expiration_time, swarm=swarm,
+                              max_ttl_s=self.max_ttl_s, max_record_bytes=self.max_record_bytes)
+        except ProtocolError as exc:
+            logger.debug("refused DHT record for swarm %s: %s", swarm, exc)
+            return False
+        return True
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        return record.value  # the application signs the record itself (pack_record)
+
+    def strip_value(self, record: DHTRecord) -> bytes:
+        return record.value
+
+    @property
+    def priority(self) -> int:
+        # Validation runs in decreasing priority: stay below signature validators that strip their
+        # suffix first (RSASignatureValidator uses 10), so we see the value exactly as stored.
+        return 5
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        if not isinstance(other, Ed25519RecordValidator):
+            return False
+        self.guarded.update(other.guarded)
+        self.max_ttl_s = min(self.max_ttl_s, other.max_ttl_s)
+        self.max_record_bytes = min(self.max_record_bytes, other.max_record_bytes)
+        return True
+
+
+def verify_dht_record(subkey: bytes, value: bytes, expiration_time: float, *, swarm: str,
+                      max_ttl_s: float, max_record_bytes: int = MAX_RECORD_BYTES) -> MembershipRecord:
+    """Check one serialized (subkey, value) pair of the swarm key; ProtocolError if it is invalid."""
+    try:
+        owner = msgpack.unpackb(subkey, raw=False, max_str_len=MAX_NAME_CHARS, max_bin_len=0,
+                                max_array_len=0, max_map_len=0, max_ext_len=0)
+        inner = msgpack.unpackb(value, raw=False, max_bin_len=max_record_bytes, max_str_len=0,
+                                max_array_len=0, max_map_len=0, max_ext_len=0)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"malformed subkey or value: {exc}") from exc
+    if not isinstance(owner, str) or subkey != _subkey_bytes(owner):
+        raise ProtocolError("subkey is not a canonical peer id string")
+    if not isinstance(inner, bytes):
+        raise ProtocolError("value is not a signed record")
+    return check_record(unpack_record(inner, max_bytes=max_record_bytes), owner, expiration_time,
+                        swarm=swarm, max_ttl_s=max_ttl_s)
+
+
+def check_record(rec: MembershipRecord, owner: str, expiration_time: float, *, swarm: str,
+                 max_ttl_s: float) -> MembershipRecord:
+    """The checks beyond the signature: owner, swarm and a lifetime bound by the signed timestamp."""
+    if rec.peer_id != owner:
+        raise ProtocolError(f"record of {rec.peer_id} stored under subkey {owner}")
+    if rec.swarm != swarm:
+        raise ProtocolError(f"record for swarm {rec.swarm!r} under swarm {swarm!r}")
+    if not expiration_time <= rec.timestamp + max_ttl_s:
+        raise ProtocolError(f"expiration {expiration_time} beyond timestamp {rec.timestamp} + {max_ttl_s}s")
+    return rec
+
+
+# ------------------------------------------------------------------------------------ DHT start
+
+
+def create_dht(identity_path: str, *, swarm: str, initial_peers: Sequence[str], host_maddrs: Sequence[str],
+               announce_maddrs: Sequence[str], wait_timeout: float = 30.0,
+               max_ttl_s: float = DEFAULT_MAX_TTL_S) -> hivemind.DHT:
+    """Start a hivemind DHT whose libp2p identity is the p2pnode key at ``identity_path``.
+
+    Blocks for up to ``wait_timeout`` seconds (call it through ``asyncio.to_thread`` from a loop).
+
+    Raises
+    ------
+    IdentityError
+        ``identity_path`` is not an existing file (hivemind would silently write an RSA key there).
+    PeerUnreachable
+        ``initial_peers`` were given and none of them answered.
+    ConfigError
+        An address is malformed (e.g. port 0 in ``announce_maddrs``).
+    DHTStartError
+        The DHT did not start for another reason (daemon failure, timeout).
+    """
+    if not os.path.isfile(identity_path):
+        raise IdentityError(f"{identity_path}: no such key file (create it with save_identity first)")
+    validator = Ed25519RecordValidator([swarm], max_ttl_s=max_ttl_s)
+    try:
+        dht = hivemind.DHT(
+            initial_peers=list(initial_peers) or None, start=True, await_ready=False,
+            record_validators=[validator], identity_path=str(identity_path),
+            host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs) or None,
+            check_if_identity_free=False,  # hivemind's check only parses RSA keys
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("network.initial_peers", list(initial_peers), f"full multiaddrs ({exc})") from exc
+    try:
+        dht.wait_until_ready(timeout=wait_timeout)
+    except BaseException as exc:
+        dht.shutdown()
+        raise _start_error(exc, initial_peers, wait_timeout) from exc
+    return dht
+
+
+def _start_error(exc: BaseException, initial_peers: Sequence[str], wait_timeout: float) -> BaseException:
+    if not isinstance(exc, Exception):
+        return exc  # KeyboardInterrupt and friends pass through unchanged
+    text = str(exc)
+    if initial_peers and ("bootstrap" in text or isinstance(exc, concurrent.futures.TimeoutError)):
+        return PeerUnreachable(f"none of the initial peers answered within {wait_timeout:g}s: "
+                               f"{', '.join(initial_peers)} ({text or type(exc).__name__})")
+    if isinstance(exc, ValueError) and not isinstance(exc, P2PDaemonError):
+        return ConfigError("network.host_maddrs/announce_maddrs", text,
+                           "valid multiaddrs with explicit ports")
+    return DHTStartError(f"DHT failed to start: {text or type(exc).__name__}")
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    """Full multiaddrs (``…/p2p/<peer id>``) other machines pass as ``--initial-peers`` (blocking)."""
+    return [str(maddr) for maddr in dht.get_visible_maddrs()]
+
+
+async def _await_mp(future: Any, limit_s: float, what: str) -> Any:
+    """Await a hivemind MPFuture with a deadline, cancelling it on timeout or cancellation.
+
+    ``asyncio.timeout`` rather than ``asyncio.wait_for``: on Python 3.11 ``wait_for`` loses a
+    cancellation that arrives just as the awaited future completes, and the heartbeat never stops.
+    """
+    try:
+        async with asyncio.timeout(limit_s):
+            return await future
+    except TimeoutError as exc:
+        future.cancel()
+        raise MembershipError(f"DHT {what} timed out after {limit_s:g}s") from exc
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    except (MembershipError, ProtocolError):
+        raise
+    except Exception as exc:  # hivemind raises assorted errors from its process; translate here only
+        raise MembershipError(f"DHT {what} failed: {exc!r}") from exc
+
+
+async def _get_visible(dht: hivemind.DHT, limit_s: float) -> list[str]:
+    future = dht.run_coroutine(partial(hivemind.DHT._get_visible_maddrs, latest=False), return_future=True)
+    return [str(m) for m in await _await_mp(future, limit_s, "get_visible_maddrs")]
+
+
+# ------------------------------------------------------------------------------------ membership
+
+
+class Membership:
+    """This node's record on the DHT and its view of the other live members.
+
+    Parameters
+    ----------
+    dht:
+        A started DHT (see :func:`create_dht`).
+    identity:
+        Signs this node's record; its peer id is the subkey.
+    swarm:
+        Only records of this swarm are read or written.
+    heartbeat_s, ttl_s:
+        Re-publish period and record lifetime (``ttl_s > heartbeat_s``).
+    unreachable_s:
+        A peer marked unreachable is left out of the live view this long.
+    dht_timeout:
+        Deadline of one DHT store or get.
+    rng:
+        Peer sampling randomness (seeded by the node).
+    max_peers:
+        Largest live view and unreachable table kept.
+    """
+
+    def __init__(self, dht: hivemind.DHT, identity: Identity, *, swarm: str, heartbeat_s: float, ttl_s: float,
+                 unreachable_s: float, dht_timeout: float, rng: random.Random, max_peers: int = 10_000,
+                 max_ttl_s: float = DEFAULT_MAX_TTL_S) -> None:
+        if not 0 < heartbeat_s < ttl_s <= max_ttl_s:
+            raise ValueError(f"need 0 < heartbeat_s ({heartbeat_s}) < ttl_s ({ttl_s}) <= {max_ttl_s}")
+        self.dht, self.identity, self.swarm = dht, identity, swarm
+        self.key = swarm_key(swarm)
+        self.heartbeat_s, self.ttl_s, self.unreachable_s = heartbeat_s, ttl_s, unreachable_s
+        self.dht_timeout, self.rng, self.max_peers, self.max_ttl_s = dht_timeout, rng, max_peers, max_ttl_s
+        self.rejected = 0  # records that failed local verification, over this object's life
+        self._live: list[MembershipRecord] = []
+        self._unreachable: OrderedDict[str, float] = OrderedDict()  # peer id -> monotonic mark time
+        self._maddrs: tuple[str, ...] | None = None
+
+    async def publish(self, *, round: int, model_fingerprint: bytes, mode: str = "gossip",
+                      codec: str = "dense") -> None:
+        """Store this node's signed record with expiration ``now + ttl_s``; MembershipError on failure."""
+        if self._maddrs is None:
+            self._maddrs = tuple(await _get_visible(self.dht, self.dht_timeout))[:16]
+        now = get_dht_time()
+        rec = MembershipRecord(peer_id=self.identity.peer_id, swarm=self.swarm, maddrs=self._maddrs,
+                               round=round, mode=mode, codec=codec, model_fingerprint=model_fingerprint,
+                               timestamp=now)
+        future = self.dht.store(self.key, pack_record(rec, self.identity), expiration_time=now + self.ttl_s,
+                                subkey=rec.peer_id, return_future=True)
+        if not await _await_mp(future, self.dht_timeout, "store"):
+            raise MembershipError("DHT store of the membership record was refused by every replica")
+
+    async def refresh(self) -> list[MembershipRecord]:
+        """Fetch the member table, verify every record locally, replace the view, return :meth:`live`.
+
+        Records that fail verification are counted in ``rejected``; expired ones and our own are
+        skipped; peers marked unreachable are kept in the view but filtered out by :meth:`live`.
+        """
+        future = self.dht.get(self.key, latest=True, return_future=True)
+        found = await _await_mp(future, self.dht_timeout, "get")
+        entries = found.value if found is not None else {}
+        if not isinstance(entries, dict):
+            self.rejected += 1
+            entries = {}
+        self._expire_unreachable()
+        live = [rec for owner, item in entries.items() if (rec := self._accept(owner, item)) is not None]
+        if len(live) > self.max_peers:
+            live = self.rng.sample(live, self.max_peers)
+        self._live = sorted(live, key=lambda rec: rec.peer_id)
+        return self.live()
+
+    def _accept(self, owner: object, item: Any) -> MembershipRecord | None:
+        try:
+            value, expiration = item.value, item.expiration_time
+            if not (isinstance(owner, str) and isinstance(value, bytes)):
+                raise ProtocolError("subkey or value of the wrong type")
+            rec = check_record(unpack_record(value), owner, expiration, swarm=self.swarm,
+                               max_ttl_s=self.max_ttl_s)
+        except (ProtocolError, AttributeError) as exc:
+            self.rejected += 1
+            logger.debug("dropped membership record under %r: %s", owner, exc)
+            return None
+        if expiration <= get_dht_time() or owner == self.identity.peer_id:
+            return None
+        return rec
+
+    def _is_unreachable(self, peer_id: str) -> bool:
+        marked = self._unreachable.get(peer_id)
+        return marked is not None and time.monotonic() - marked < self.unreachable_s
+
+    def _expire_unreachable(self) -> None:
+        cutoff = time.monotonic() - self.unreachable_s
+        while self._unreachable and next(iter(self._unreachable.values())) <= cutoff:
+            self._unreachable.popitem(last=False)
+
+    def live(self) -> list[MembershipRecord]:
+        """The verified records of other peers from the last refresh, minus those marked unreachable."""
+        return [rec for rec in self._live if not self._is_unreachable(rec.peer_id)]
+
+    def sample(self, k: int) -> list[MembershipRecord]:
+        """Up to ``k`` distinct live peers chosen uniformly at random."""
+        live = self.live()
+        return self.rng.sample(live, min(max(k, 0), len(live)))
+
+    def mark_unreachable(self, peer_id: str) -> None:
+        """Leave ``peer_id`` out of the live view for ``unreachable_s`` seconds."""
+        self._unreachable.pop(peer_id, None)
+        self._unreachable[peer_id] = time.monotonic()
+        while len(self._unreachable) > self.max_peers:
+            self._unreachable.popitem(last=False)
+
+    def mark_alive(self, peer_id: str) -> None:
+        """Undo :meth:`mark_unreachable` (the peer answered after all)."""
+        self._unreachable.pop(peer_id, None)
+
+    async def run(self, state: Callable[[], tuple[int, bytes]], ready: asyncio.Event | None = None) -> None:
+        """Heartbeat until cancelled: publish ``state()`` then refresh, every ``heartbeat_s``.
+
+        DHT failures are logged and retried on the next beat; ``ready`` is set after the first
+        successful publish.
+        """
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time()
+        while True:
+            round_, fingerprint = state()
+            publish = self.publish(round=round_, model_fingerprint=fingerprint)
+            published = await self._logged(publish, "publish")
+            if published and ready is not None:
+                ready.set()
+            await self._logged(self.refresh(), "refresh")
+            next_beat = max(next_beat + self.heartbeat_s, loop.time())
+            await asyncio.sleep(next_beat - loop.time())
+
+    @staticmethod
+    async def _logged(step: Awaitable[T], what: str) -> bool:
+        try:
+            await step
+        except (MembershipError, ProtocolError) as exc:
+            logger.warning("membership %s failed: %s", what, exc)
+            return False
+        return True

@@ -1,0 +1,378 @@
+"""One p2pnode daemon: local training plus push-pull gossip of full models.
+
+Each round: H local SGD steps in a worker thread → sample k live peers from the DHT view → push our
+model to each and pull theirs in the reply → merge own + pulled + models pushed to us since the last
+merge through the configured aggregator → apply the merge *as a delta*, ``θ ← θ + (merged − θ_sent)``,
+so anything the trainer did meanwhile is kept.
+
+Every message is a signed envelope (:mod:`protocols.envelope`) around a checked model payload
+(:mod:`protocols.model`); a message that fails any check is rejected, counted, and costs us nothing
+else. The event loop never trains: heartbeats and incoming exchanges keep being answered.
+
+:func:`run_node` is the blocking entry point used by ``p2pnode run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import signal
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from defenses import Aggregator, make_aggregator
+from p2pnode.config import NodeConfig
+from p2pnode.errors import ConfigError, MessageRejected, P2PNodeError, PeerUnreachable, TransportClosed
+from p2pnode.identity import Identity, load_or_create_identity
+from p2pnode.membership import Membership, create_dht, visible_maddrs
+from p2pnode.outputs import MetricsWriter, write_json_atomic
+from p2pnode.tasks import ShardSpec, make_task
+from p2pnode.trainer import LocalTrainer, limit_threads, resolve_device, spec_fingerprint
+from p2pnode.transport.base import Transport
+from p2pnode.transport.p2p import P2PTransport
+from protocols.envelope import ReplayGuard, open_envelope, seal
+from protocols.errors import ProtocolError
+from protocols.model import decode_model, encode_model
+from protocols.records import MembershipRecord
+
+logger = logging.getLogger(__name__)
+
+KIND_PUSH, KIND_PULL = "push", "pull"
+
+
+class PeerView(Protocol):
+    """What the round loop needs from membership (:class:`p2pnode.membership.Membership` in the daemon)."""
+
+    rejected: int
+
+    def live(self) -> list[MembershipRecord]: ...
+    def sample(self, k: int) -> list[MembershipRecord]: ...
+    def mark_unreachable(self, peer_id: str) -> None: ...
+    def mark_alive(self, peer_id: str) -> None: ...
+    async def refresh(self) -> list[MembershipRecord]: ...
+    async def run(self, state: Callable[[], tuple[int, bytes]],
+                  ready: asyncio.Event | None = None) -> None: ...
+
+
+class Inbox:
+    """Models pushed to us since the last merge: the latest one per peer, at most ``capacity`` peers."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._models: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def put(self, peer_id: str, flat: torch.Tensor) -> None:
+        self._models.pop(peer_id, None)
+        self._models[peer_id] = flat
+        while len(self._models) > self.capacity:
+            self._models.popitem(last=False)
+
+    def drain(self) -> dict[str, torch.Tensor]:
+        models, self._models = dict(self._models), OrderedDict()
+        return models
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+@dataclass(slots=True)
+class RoundReport:
+    """What one round did (also the body of a metrics line)."""
+
+    round: int
+    train_loss: float
+    peers_in_view: int
+    pulled: int
+    pushed_to_us: int
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+
+
+class Node:
+    """The round loop and the exchange handler of one node.
+
+    Parameters
+    ----------
+    config
+        The node's configuration.
+    identity
+        Signs every envelope; its peer id is the transport's.
+    trainer
+        Owns the model; trained in a worker thread.
+    transport
+        Carries exchanges (the real libp2p one, or the in-memory one in tests).
+    membership
+        Live view of the swarm and peer sampling.
+    aggregator
+        Merge rule.
+    """
+
+    role = "honest"
+
+    def __init__(self, config: NodeConfig, identity: Identity, trainer: LocalTrainer, transport: Transport,
+                 membership: PeerView, aggregator: Aggregator) -> None:
+        self.config = config
+        self.identity = identity
+        self.trainer = trainer
+        self.transport = transport
+        self.membership = membership
+        self.aggregator = aggregator
+        self.fingerprint = spec_fingerprint(trainer.model)
+        self.inbox = Inbox(config.gossip.max_inbox)
+        self.round = 0
+        self.messages_rejected = 0
+        self._seq = itertools.count(1)
+        self._push_guard = ReplayGuard()
+        self._pull_guard = ReplayGuard()
+        self._max_bytes = config.network.max_message_bytes
+
+    # -- wire --------------------------------------------------------------------------------------
+    def _seal_model(self, kind: str, flat: torch.Tensor) -> bytes:
+        payload = encode_model(flat, fingerprint=self.fingerprint, round=self.round)
+        return seal(self.identity, kind=kind, swarm=self.config.network.swarm, round=self.round,
+                    seq=next(self._seq), payload=payload)
+
+    def _open_model(self, data: bytes, *, kind: str, sender: str, guard: ReplayGuard) -> torch.Tensor:
+        """Verify, replay-check and decode a model message from ``sender``; ProtocolError if bad."""
+        env = open_envelope(data, max_bytes=self._max_bytes, swarm=self.config.network.swarm, kinds=(kind,))
+        if env.sender != sender:
+            raise ProtocolError(f"envelope signed by {env.sender}, but the connection is from {sender}")
+        guard.check(env)
+        payload = decode_model(env.payload, expected_numel=self.trainer.num_params, fingerprint=self.fingerprint)
+        return payload.flat
+
+    def _reject(self, peer: str, exc: Exception) -> None:
+        self.messages_rejected += 1
+        logger.info("rejected message from %s: %s", peer, exc)
+
+    async def serve(self, sender: str, request: bytes) -> bytes:
+        """Transport handler: keep a pushed model for the next merge and reply with ours."""
+        try:
+            flat = self._open_model(request, kind=KIND_PUSH, sender=sender, guard=self._push_guard)
+        except ProtocolError as exc:
+            self._reject(sender, exc)
+            raise MessageRejected(str(exc), peer=sender) from exc
+        self.inbox.put(sender, flat)
+        self.membership.mark_alive(sender)
+        own = await asyncio.to_thread(self.trainer.get_flat)
+        return self._seal_model(KIND_PULL, own)
+
+    async def _exchange_one(self, peer: MembershipRecord, request: bytes) -> torch.Tensor | None:
+        timeout = self.config.timeouts.exchange
+        try:
+            reply = await self.transport.exchange(peer.peer_id, request, timeout=timeout, maddrs=peer.maddrs)
+        except PeerUnreachable as exc:
+            logger.info("peer %s unreachable: %s", peer.peer_id, exc)
+            self.membership.mark_unreachable(peer.peer_id)
+            return None
+        except MessageRejected as exc:
+            logger.info("exchange with %s refused: %s", peer.peer_id, exc)
+            return None
+        try:
+            return self._open_model(reply, kind=KIND_PULL, sender=peer.peer_id, guard=self._pull_guard)
+        except ProtocolError as exc:
+            self._reject(peer.peer_id, exc)
+            return None
+
+    async def exchange(self, peers: Sequence[MembershipRecord], own: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Push ``own`` to every peer concurrently; return the models they replied with."""
+        request = self._seal_model(KIND_PUSH, own)
+        async with asyncio.TaskGroup() as tg:
+            tasks = {p.peer_id: tg.create_task(self._exchange_one(p, request)) for p in peers}
+        return {peer: flat for peer, t in tasks.items() if (flat := t.result()) is not None}
+
+    # -- rounds ------------------------------------------------------------------------------------
+    async def wait_for_peers(self) -> None:
+        """Before round 1, wait (bounded) until ``gossip.wait_peers`` peers are in view."""
+        want, g = self.config.gossip.wait_peers, self.config.gossip
+        if want <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + g.wait_peers_s
+        while len(self.membership.live()) < want and loop.time() < deadline:
+            with contextlib.suppress(TimeoutError, P2PNodeError):
+                await self.membership.refresh()
+            await asyncio.sleep(0.25)
+        logger.info("starting with %d peers in view (wanted %d)", len(self.membership.live()), want)
+
+    async def run_round(self) -> RoundReport:
+        """Train H steps, exchange with k sampled peers, merge, maybe evaluate."""
+        cfg = self.config
+        self.round += 1
+        loss = await asyncio.to_thread(self.trainer.train_steps, cfg.task.local_steps)
+        sent = await asyncio.to_thread(self.trainer.get_flat)
+        peers = self.membership.sample(cfg.gossip.fanout)
+        pulled = await self.exchange(peers, sent)
+        pushed = self.inbox.drain()
+        received = {**pushed, **pulled}  # a pulled model is at least as fresh as a pushed one
+        if received:
+            merged = self.aggregator.aggregate(sent, received)
+            await asyncio.to_thread(self.trainer.add_flat_, merged - sent)
+        report = RoundReport(round=self.round, train_loss=loss, peers_in_view=len(self.membership.live()),
+                             pulled=len(pulled), pushed_to_us=len(pushed))
+        if self.round % cfg.task.eval_every == 0:
+            report.test_accuracy, report.test_loss = await asyncio.to_thread(
+                self.trainer.evaluate, cfg.task.eval_samples)
+        return report
+
+    def counters(self) -> dict[str, Any]:
+        stats = self.transport.stats
+        return {"peer_id": self.identity.peer_id, "role": self.role, "bytes_sent": stats.bytes_sent,
+                "bytes_received": stats.bytes_received,
+                "messages_rejected": self.messages_rejected + self.membership.rejected}
+
+    async def run_rounds(self, metrics: MetricsWriter) -> dict[str, Any]:
+        """Run the configured number of rounds (forever if 0); return the final evaluation."""
+        total = self.config.gossip.rounds
+        while total == 0 or self.round < total:
+            r = await self.run_round()
+            metrics.write("round", **self.counters(), round=r.round, train_loss=r.train_loss,
+                          test_accuracy=r.test_accuracy, test_loss=r.test_loss, peers_in_view=r.peers_in_view,
+                          pulled=r.pulled, pushed_to_us=r.pushed_to_us)
+            logger.info("round %d: loss %.4f, acc %s, %d peers in view, pulled %d, pushed to us %d",
+                        r.round, r.train_loss, r.test_accuracy, r.peers_in_view, r.pulled, r.pushed_to_us)
+        accuracy, loss = await asyncio.to_thread(self.trainer.evaluate, None)
+        return metrics.write("final", **self.counters(), rounds=self.round, round=self.round,
+                             test_accuracy=accuracy, test_loss=loss)
+
+
+# -- process lifecycle -----------------------------------------------------------------------------
+def _build_trainer(config: NodeConfig) -> LocalTrainer:
+    t = config.task
+    task = make_task(t.name, t.data_dir)
+    data = task.load(ShardSpec(index=t.shard, count=t.num_shards, partition=t.partition, seed=config.seed))
+    model = task.build_model(config.seed)  # one seed for the swarm: every node starts from the same weights
+    return LocalTrainer(model, data, lr=t.lr, momentum=t.momentum, batch_size=t.batch_size,
+                        device=resolve_device(config.device), seed=config.seed * 100_003 + t.shard)
+
+
+def _build_aggregator(spec: str) -> Aggregator:
+    try:
+        return make_aggregator(spec)
+    except ValueError as exc:
+        raise ConfigError("gossip.aggregator", spec, str(exc)) from exc
+
+
+class NodeRuntime:
+    """Owns the DHT, transport and tasks of one node process; ``await run()`` until done or stopped."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.stop = asyncio.Event()
+        self.signalled = False
+
+    def request_stop(self) -> None:
+        """Signal handler: finish the current await points and shut down."""
+        self.signalled = True
+        self.stop.set()
+
+    async def run(self) -> int:
+        cfg = self.config
+        aggregator = _build_aggregator(cfg.gossip.aggregator)
+        net = cfg.network
+        key_path = str(Path(net.identity).expanduser())  # noqa: ASYNC240 - no I/O, string expansion only
+        identity = load_or_create_identity(Path(key_path))
+        trainer = await asyncio.to_thread(_build_trainer, cfg)
+        dht = await asyncio.to_thread(
+            create_dht, key_path, swarm=net.swarm, initial_peers=net.initial_peers, host_maddrs=net.host_maddrs,
+            announce_maddrs=net.announce_maddrs, wait_timeout=cfg.timeouts.dht * 3)
+        transport: P2PTransport | None = None
+        p2p = None
+        try:
+            p2p = await dht.replicate_p2p()
+            transport = P2PTransport(p2p, max_message_bytes=net.max_message_bytes,
+                                     chunk_bytes=net.chunk_kb * 1024, connect_timeout=cfg.timeouts.connect)
+            rng = random.Random(f"{cfg.seed}/{identity.peer_id}")
+            membership = Membership(dht, identity, swarm=net.swarm, heartbeat_s=net.heartbeat_s,
+                                    ttl_s=net.record_ttl_s, unreachable_s=net.unreachable_s,
+                                    dht_timeout=cfg.timeouts.dht, rng=rng)
+            node = Node(cfg, identity, trainer, transport, membership, aggregator)
+            await transport.start(node.serve)
+            return await self._supervise(node, visible_maddrs(dht))
+        finally:
+            if transport is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(transport.close(), cfg.timeouts.shutdown)
+            if p2p is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(p2p.shutdown(), cfg.timeouts.shutdown)
+            await asyncio.to_thread(dht.shutdown)
+
+    async def _supervise(self, node: Node, maddrs: list[str]) -> int:
+        """Run heartbeat and rounds in one TaskGroup; stop both on a signal or after the linger."""
+        cfg, ready = self.config, asyncio.Event()
+        metrics = MetricsWriter(cfg.output.metrics_file)
+        outcome: dict[str, Any] = {}
+        try:
+            async with asyncio.TaskGroup() as tg:
+                heartbeat = tg.create_task(node.membership.run(lambda: (node.round, node.fingerprint), ready))
+                work = tg.create_task(self._work(node, maddrs, ready, metrics, outcome))
+                await self.stop.wait()
+                for task in (heartbeat, work):
+                    task.cancel()
+        finally:
+            metrics.close()
+        return 0 if outcome.get("finished") or self.signalled or cfg.gossip.rounds == 0 else 1
+
+    async def _work(self, node: Node, maddrs: list[str], ready: asyncio.Event, metrics: MetricsWriter,
+                    outcome: dict[str, Any]) -> None:
+        cfg = self.config
+        try:
+            async with asyncio.timeout(cfg.timeouts.dht * 3):
+                await ready.wait()
+            self._announce(node, maddrs)
+            await node.wait_for_peers()
+            final = await node.run_rounds(metrics)
+            if cfg.output.result_file:
+                write_json_atomic(cfg.output.result_file, final)
+            outcome["finished"] = True
+            logger.info("finished %d rounds: test accuracy %.4f; serving peers for %.0f s more",
+                        node.round, final["test_accuracy"], cfg.gossip.linger_s)
+            await asyncio.sleep(cfg.gossip.linger_s)
+        except TimeoutError:
+            logger.error("could not publish a membership record within %.0f s", cfg.timeouts.dht * 3)
+        except TransportClosed:
+            logger.info("transport closed; stopping")
+        finally:
+            self.stop.set()
+
+    def _announce(self, node: Node, maddrs: list[str]) -> None:
+        cfg = self.config
+        print(f"p2pnode {node.identity.peer_id} joined swarm {cfg.network.swarm!r}; "
+              "other nodes can join with:", flush=True)
+        for maddr in maddrs:
+            print(f"  --initial-peers {maddr}", flush=True)
+        if cfg.output.ready_file:
+            write_json_atomic(cfg.output.ready_file, {"peer_id": node.identity.peer_id, "maddrs": maddrs})
+
+
+def run_node(config: NodeConfig) -> int:
+    """Run one node until its rounds and linger are over, or SIGINT/SIGTERM; return the exit code."""
+    limit_threads(config.threads)
+    runtime = NodeRuntime(config)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, runtime.request_stop)
+        return await runtime.run()
+
+    try:
+        import uvloop
+
+        factory: Any = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        code = runner.run(main())
+    sys.stdout.flush()
+    return code

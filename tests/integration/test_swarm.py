@@ -1,0 +1,149 @@
+"""Real multi-process swarms on loopback: hivemind DHT + libp2p streams, the `p2pnode` CLI as users run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from p2pnode.swarm import Swarm, SwarmOptions
+
+pytestmark = [pytest.mark.integration]
+
+P2PNODE = [sys.executable, "-m", "p2pnode"]
+DIGITS_MODEL_BYTES = (64 * 64 + 64 + 64 * 10 + 10) * 4  # the digits MLP as fp32
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.timeout(300)
+def test_digits_swarm_of_four_learns(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+
+    proc = subprocess.run([*P2PNODE, "swarm", "--nodes", "4", "--task", "digits", "--rounds", "10",
+                           "--out", str(out), "--linger-s", "5", "--no-live"],
+                          env=ENV, capture_output=True, text=True, timeout=280)
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["nodes"]) == 4
+    assert all(n["rounds"] == 10 for n in summary["nodes"])
+    assert summary["honest_accuracy_min"] >= 0.85, summary
+    for node in summary["nodes"]:
+        # each round pushes the full model to at least one peer (fanout 2 by default)
+        assert node["bytes_sent"] >= 10 * DIGITS_MODEL_BYTES, node
+        assert node["bytes_received"] >= 10 * DIGITS_MODEL_BYTES, node
+        assert node["messages_rejected"] == 0, node
+    assert (out / "accuracy.png").stat().st_size > 1000
+    assert len((out / "metrics.jsonl").read_text().splitlines()) >= 4 * 10
+
+
+def _start_run(tmp_path: Path, name: str, *extra: str) -> tuple[subprocess.Popen[str], Path]:
+    files = tmp_path / name
+    files.mkdir()
+    cmd = [*P2PNODE, "run", "--task", "digits", "--identity", str(files / "key"), "--swarm", "by-hand",
+           "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--metrics-file", str(files / "metrics.jsonl"),
+           "--result-file", str(files / "result.json"), "--ready-file", str(files / "ready.json"),
+           "--threads", "1", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    return proc, files
+
+
+def _printed_maddr(proc: subprocess.Popen[str], timeout: float = 60.0) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if "--initial-peers /ip4/127.0.0.1/" in line:
+            return line.split("--initial-peers", 1)[1].strip()
+    raise AssertionError("no multiaddr printed:\n" + "".join(seen[-40:]))
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(180)
+def test_two_nodes_started_by_hand_find_each_other_and_exchange(tmp_path: Path) -> None:
+    first, first_files = _start_run(tmp_path, "first", "--rounds", "6", "--wait-peers", "1", "--linger-s", "10")
+    second = None
+    try:
+        maddr = _printed_maddr(first)
+        second, second_files = _start_run(tmp_path, "second", "--rounds", "6", "--wait-peers", "1",
+                                          "--linger-s", "10", "--initial-peers", maddr)
+        assert first.wait(timeout=120) == 0
+        assert second.wait(timeout=120) == 0
+
+        for files, other in ((first_files, second_files), (second_files, first_files)):
+            other_id = json.loads((other / "ready.json").read_text())["peer_id"]
+            result = json.loads((files / "result.json").read_text())
+            rounds = [m for m in _read_metrics(files / "metrics.jsonl") if m["event"] == "round"]
+            assert result["rounds"] == 6
+            assert any(m["peers_in_view"] == 1 for m in rounds), "the other node never entered the view"
+            assert sum(m["pulled"] for m in rounds) >= 3, "too few models pulled from the other node"
+            assert result["bytes_received"] >= 3 * DIGITS_MODEL_BYTES
+            assert result["peer_id"] != other_id
+    finally:
+        _stop(first)
+        if second is not None:
+            _stop(second)
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_of_one_node_leaves_the_other_three_finishing_rounds(tmp_path: Path) -> None:
+    opts = SwarmOptions(nodes=4, rounds=40, task="digits", out=tmp_path / "run", linger_s=5.0,
+                        extra_args=["--unreachable-s", "30"])
+    with Swarm(opts) as swarm:
+        swarm.start()
+        deadline = time.monotonic() + 120
+        while swarm.poll_progress()[3].round < 5:
+            assert time.monotonic() < deadline, "node 3 never reached round 5"
+            time.sleep(0.1)
+        victim = swarm.processes[3]
+        os.kill(victim.pid, signal.SIGKILL)
+        killed_at = {p.node: p.round for p in swarm.poll_progress()}
+
+        swarm.wait_finished(timeout=180)
+        progress = swarm.poll_progress()
+
+    assert victim.returncode == -signal.SIGKILL
+    assert progress[3].failed
+    for p in progress[:3]:
+        assert p.finished and p.round == 40, p
+        assert p.round > killed_at[p.node], "a survivor made no progress after the kill"
+        assert p.test_accuracy is not None and p.test_accuracy >= 0.8, p
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_a_running_node_within_five_seconds(tmp_path: Path) -> None:
+    proc, _files = _start_run(tmp_path, "solo", "--rounds", "0")
+    try:
+        _printed_maddr(proc)
+        time.sleep(1.0)  # let it train a little
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+        elapsed = time.monotonic() - t0
+    finally:
+        _stop(proc)
+    assert code == 0
+    assert elapsed < 5.0, f"shutdown took {elapsed:.1f} s"

@@ -211,8 +211,9 @@ def _build(cls: type, prefix: str, values: dict[str, Any]) -> Any:
         if key not in known:
             raise ConfigError(f"{prefix}{key}", value, "one of: " + ", ".join(sorted(known)))
         default = known[key].default
-        if default is dataclasses.MISSING:
-            default = known[key].default_factory()  # type: ignore[misc]
+        factory = known[key].default_factory
+        if default is dataclasses.MISSING and factory is not dataclasses.MISSING:
+            default = factory()
         kwargs[key] = _coerce(f"{prefix}{key}", value, default)
     return cls(**kwargs)
 
@@ -249,7 +250,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
         except FileNotFoundError as exc:
-            raise ConfigError("--config", str(path), "an existing TOML file (create one: p2pnode init)") from exc
+            raise ConfigError("--config", str(path),
+                              "an existing TOML file (create one: p2pnode init)") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("--config", str(path), f"valid TOML ({exc})") from exc
     for dotted, value in (overrides or {}).items():
@@ -278,7 +280,7 @@ def default_toml() -> str:
             continue
         lines += [f"# {f.metadata['help']}", f"{f.name} = {_toml_value(getattr(defaults, f.name))}"]
     for section, cls in SECTIONS.items():
-        lines += ["", f"[{section}]", f"# {cls.__doc__.strip().splitlines()[0]}"]
+        lines += ["", f"[{section}]", f"# {(cls.__doc__ or section).strip().splitlines()[0]}"]
         instance = getattr(defaults, section)
         for f in fields(cls):
             value = getattr(instance, f.name)

@@ -191,15 +191,16 @@ def create_dht(identity_path: str, *, swarm: str, initial_peers: Sequence[str], 
         raise ConfigError("network.initial_peers", list(initial_peers), f"full multiaddrs ({exc})") from exc
     try:
         dht.wait_until_ready(timeout=wait_timeout)
-    except BaseException as exc:
+    except Exception as exc:
         dht.shutdown()
         raise _start_error(exc, initial_peers, wait_timeout) from exc
+    except BaseException:
+        dht.shutdown()
+        raise
     return dht
 
 
-def _start_error(exc: BaseException, initial_peers: Sequence[str], wait_timeout: float) -> BaseException:
-    if not isinstance(exc, Exception):
-        return exc  # KeyboardInterrupt and friends pass through unchanged
+def _start_error(exc: Exception, initial_peers: Sequence[str], wait_timeout: float) -> P2PNodeError:
     text = str(exc)
     if initial_peers and ("bootstrap" in text or isinstance(exc, concurrent.futures.TimeoutError)):
         return PeerUnreachable(f"none of the initial peers answered within {wait_timeout:g}s: "

@@ -147,8 +147,8 @@ class Node:
         if env.sender != sender:
             raise ProtocolError(f"envelope signed by {env.sender}, but the connection is from {sender}")
         guard.check(env)
-        payload = decode_model(env.payload, expected_numel=self.trainer.num_params, fingerprint=self.fingerprint)
-        return payload.flat
+        numel = self.trainer.num_params
+        return decode_model(env.payload, expected_numel=numel, fingerprint=self.fingerprint).flat
 
     def _reject(self, peer: str, exc: Exception) -> None:
         self.messages_rejected += 1
@@ -283,8 +283,9 @@ class NodeRuntime:
         identity = load_or_create_identity(Path(key_path))
         trainer = await asyncio.to_thread(_build_trainer, cfg)
         dht = await asyncio.to_thread(
-            create_dht, key_path, swarm=net.swarm, initial_peers=net.initial_peers, host_maddrs=net.host_maddrs,
-            announce_maddrs=net.announce_maddrs, wait_timeout=cfg.timeouts.dht * 3)
+            create_dht, key_path, swarm=net.swarm, initial_peers=net.initial_peers,
+            host_maddrs=net.host_maddrs, announce_maddrs=net.announce_maddrs,
+            wait_timeout=cfg.timeouts.dht * 3)
         transport: P2PTransport | None = None
         p2p = None
         try:

@@ -84,7 +84,8 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 @pytest.mark.timeout(180)
 def test_two_nodes_started_by_hand_find_each_other_and_exchange(tmp_path: Path) -> None:
-    first, first_files = _start_run(tmp_path, "first", "--rounds", "6", "--wait-peers", "1", "--linger-s", "10")
+    first, first_files = _start_run(tmp_path, "first", "--rounds", "6", "--wait-peers", "1",
+                                    "--linger-s", "10")
     second = None
     try:
         maddr = _printed_maddr(first)
@@ -128,9 +129,11 @@ def test_sigkill_of_one_node_leaves_the_other_three_finishing_rounds(tmp_path: P
     assert victim.returncode == -signal.SIGKILL
     assert progress[3].failed
     for p in progress[:3]:
-        assert p.finished and p.round == 40, p
+        assert p.finished, p
+        assert p.round == 40, p
         assert p.round > killed_at[p.node], "a survivor made no progress after the kill"
-        assert p.test_accuracy is not None and p.test_accuracy >= 0.8, p
+        assert p.test_accuracy is not None, p
+        assert p.test_accuracy >= 0.8, p
 
 
 @pytest.mark.timeout(120)

@@ -33,7 +33,8 @@ def test_mean_leaves_inputs_untouched() -> None:
 
     Mean().aggregate(own, {"p": other})
 
-    assert torch.equal(own, own_copy) and torch.equal(other, other_copy)
+    assert torch.equal(own, own_copy)
+    assert torch.equal(other, other_copy)
 
 
 @pytest.mark.parametrize("bad", [torch.tensor([float("nan"), 0.0]), torch.tensor([0.0, float("inf")])])

@@ -57,7 +57,8 @@ def _record(peer_id: str) -> MembershipRecord:
 
 
 def _node(network: MemoryNetwork, shard: int, *, fanout: int = 1) -> Node:
-    config = NodeConfig(device="cpu", task=TaskConfig(name="digits", shard=shard, num_shards=2, local_steps=5))
+    task_cfg = TaskConfig(name="digits", shard=shard, num_shards=2, local_steps=5)
+    config = NodeConfig(device="cpu", task=task_cfg)
     config.network.swarm = "t"
     config.gossip.fanout = fanout
     task = make_task("digits")

@@ -291,7 +291,8 @@ class NodeRuntime:
         try:
             p2p = await dht.replicate_p2p()
             transport = P2PTransport(p2p, max_message_bytes=net.max_message_bytes,
-                                     chunk_bytes=net.chunk_kb * 1024, connect_timeout=cfg.timeouts.connect)
+                                     chunk_bytes=net.chunk_kb * 1024, connect_timeout=cfg.timeouts.connect,
+                                     serve_timeout=cfg.timeouts.serve_read)
             rng = random.Random(f"{cfg.seed}/{identity.peer_id}")
             membership = Membership(dht, identity, swarm=net.swarm, heartbeat_s=net.heartbeat_s,
                                     ttl_s=net.record_ttl_s, unreachable_s=net.unreachable_s,

@@ -50,7 +50,7 @@ def _translate_errors(peer: str) -> Iterator[None]:
     except P2PHandlerError as exc:
         raise MessageRejected(f"peer handler failed: {exc}", peer=peer) from exc
     except TimeoutError as exc:  # asyncio.TimeoutError is TimeoutError since Python 3.11
-        raise PeerUnreachable("no reply before the deadline", peer=peer) from exc
+        raise PeerUnreachable("no connection or reply before the deadline", peer=peer) from exc
     except asyncio.IncompleteReadError as exc:
         raise PeerUnreachable(f"stream closed after {len(exc.partial)} of {exc.expected} bytes",
                               peer=peer) from exc
@@ -118,19 +118,28 @@ class P2PTransport(Transport):
         self._peer_id = p2p.peer_id.to_base58()
         self._handler: Handler | None = None
         self._calls = CallTracker()
+        self._serving = CallTracker()
 
     @property
     def peer_id(self) -> str:
         return self._peer_id
 
     async def start(self, handler: Handler) -> None:
+        """Register the stream handler with the local daemon.
+
+        Errors of the *local* daemon (``P2PDaemonError``, ``TimeoutError``) are not a peer's fault and
+        propagate untranslated: the node cannot run without its handler.
+        """
         self._calls.check_open()
         if self._handler is not None:
             raise RuntimeError("P2PTransport.start() called twice")
-        self._handler = handler
-        with _translate_errors(self._peer_id):
+        self._handler = handler  # set first: a stream may arrive before the registration returns
+        try:
             async with asyncio.timeout(self.connect_timeout):
                 await self._p2p.add_binary_stream_handler(self.protocol, self._on_stream)
+        except BaseException:
+            self._handler = None
+            raise
 
     async def exchange(self, peer_id: str, request: bytes, *, timeout: float,
                        maddrs: Sequence[str] = ()) -> bytes:
@@ -148,6 +157,7 @@ class P2PTransport(Transport):
         if self._calls.closed:
             return
         self._calls.close()
+        self._serving.close()
         if self._handler is None:
             return
         try:
@@ -185,15 +195,14 @@ class P2PTransport(Transport):
         """Write the request while reading the reply, so an early rejection is seen at once.
 
         A peer that refuses a request from its header replies before the body is sent; waiting
-        for our write to finish first would only end in a reset stream and hide the reason.
+        for our write to finish first would only end in a reset stream and hide the reason. A
+        complete reply ends the exchange even if the write then failed (the peer had what it needed).
         """
         sending = asyncio.ensure_future(
             write_frame(writer, STATUS_OK, request, chunk_bytes=self.chunk_bytes, stats=self.stats))
         try:
             status, body = await read_frame(reader, max_message_bytes=self.max_message_bytes,
                                             chunk_bytes=self.chunk_bytes, stats=self.stats)
-            if status == STATUS_OK:
-                await sending  # the reply came after the whole request: surfaces any write error
             return status, body
         finally:
             if not sending.done():
@@ -206,14 +215,15 @@ class P2PTransport(Transport):
 
     async def _on_stream(self, info: StreamInfo, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
-        """Serve one incoming stream; never raises except ``CancelledError``."""
+        """Serve one incoming stream; raises nothing but a ``CancelledError`` that is not ours."""
         sender = info.peer_id.to_base58()
         self.stats.calls_in += 1
         try:
-            async with asyncio.timeout(self.serve_timeout):
-                await self._serve(sender, reader, writer)
-        except Exception as exc:  # the caller hung up, timed out or broke the framing: log and move on
-            logger.debug("stream from %s failed: %r", sender, exc)
+            with self._serving.track():
+                async with asyncio.timeout(self.serve_timeout):
+                    await self._serve(sender, reader, writer)
+        except Exception as exc:  # caller hung up or broke the framing, deadline, or we closed
+            logger.debug("stream from %s ended early: %r", sender, exc)
         finally:
             writer.close()
 
@@ -245,8 +255,9 @@ class P2PTransport(Transport):
             self.stats.rejected_in += 1
             logger.debug("rejected a request from %s: %s", sender, exc)
             return STATUS_REJECTED, encode_reason(str(exc))
-        if status != STATUS_OK or self._handler is None or self._calls.closed:
+        if status != STATUS_OK:
             self.stats.rejected_in += 1
-            return STATUS_REJECTED, encode_reason("not serving" if status == STATUS_OK else "bad request frame")
+            return STATUS_REJECTED, encode_reason("a request frame must have status ok")
+        assert self._handler is not None  # the stream handler is registered by start()
         return await dispatch(self._handler, sender, request, max_message_bytes=self.max_message_bytes,
                               stats=self.stats)

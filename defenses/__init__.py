@@ -3,7 +3,7 @@
 This package never imports ``p2pnode`` or ``protocols``.
 """
 
-from defenses.base import Aggregator
+from defenses.base import Aggregator, Layer, MergeContext
 from defenses.registry import AGGREGATORS, make_aggregator
 
-__all__ = ["AGGREGATORS", "Aggregator", "make_aggregator"]
+__all__ = ["AGGREGATORS", "Aggregator", "Layer", "MergeContext", "make_aggregator"]

@@ -8,10 +8,60 @@ that the caller owns; it never talks to the network.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One tensor of the model inside the flat vector: ``flat[offset : offset + numel].view(shape)``."""
+
+    name: str
+    offset: int
+    shape: tuple[int, ...]
+    is_buffer: bool = False  # BatchNorm running statistics and other non-trainable floats
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        """The slice of ``flat`` (shape ``(d,)`` or ``(n, d)``) that holds this layer, flattened."""
+        return flat[..., self.offset : self.offset + self.numel]
+
+
+@dataclass(slots=True)
+class MergeContext:
+    """What a merge may need beyond the vectors; the node fills it, pure rules ignore it.
+
+    Attributes
+    ----------
+    round:
+        The merging node's round counter (learning-rate schedules, warm-ups).
+    layers:
+        The model's tensors inside the flat vector (per-layer rules such as variance correction).
+    state:
+        This aggregator's explicit state (from :meth:`Aggregator.new_state`), owned by the node so it
+        can be checkpointed; ``None`` for stateless rules.
+    class_f1:
+        Per-class F1 of a flat model on the node's small local validation split, shape ``(C,)``
+        (Bristle's integrator); ``None`` when the node has no validation split.
+    extras:
+        Per-peer side information received with the models this round (e.g. SybilWall records),
+        keyed by peer id; opaque to the node.
+    """
+
+    round: int = 0
+    layers: Sequence[Layer] = ()
+    state: Any = None
+    class_f1: Callable[[torch.Tensor], torch.Tensor] | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Aggregator(ABC):
@@ -22,14 +72,21 @@ class Aggregator(ABC):
     ``aggregate(own, received)`` takes ``own`` of shape ``(d,)`` and a mapping of peer id to
     tensors of shape ``(d,)`` (same dtype and device as ``own``; possibly empty) and returns a *new*
     ``(d,)`` tensor; inputs are never modified. It raises ``ValueError`` when a shape differs or an
-    input is not finite.
+    input is not finite, or a precondition of the rule (such as ``2f < n``) does not hold.
+    ``context`` carries the round, the layer layout and the rule's explicit state (see
+    :class:`MergeContext`); stateless rules ignore it.
     """
 
     name: ClassVar[str]
 
     @abstractmethod
-    def aggregate(self, own: torch.Tensor, received: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def aggregate(self, own: torch.Tensor, received: Mapping[str, torch.Tensor],
+                  context: MergeContext | None = None) -> torch.Tensor:
         """Return the merged model, shape ``(d,)``."""
+
+    def new_state(self) -> Any:
+        """A fresh state object for stateful rules (``None`` for stateless ones)."""
+        return None
 
 
 def stack_inputs(own: torch.Tensor, received: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from defenses.base import Aggregator, stack_inputs
+from defenses.base import Aggregator, MergeContext, stack_inputs
 
 
 def mean_rule(stacked: torch.Tensor) -> torch.Tensor:
@@ -19,7 +19,8 @@ class Mean(Aggregator):
 
     name = "mean"
 
-    def aggregate(self, own: torch.Tensor, received: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def aggregate(self, own: torch.Tensor, received: Mapping[str, torch.Tensor],
+                  context: MergeContext | None = None) -> torch.Tensor:
         if not received:
             return own.clone()
         return mean_rule(stack_inputs(own, received))

@@ -115,7 +115,10 @@ class GossipConfig:
 
     rounds: int = _doc("rounds to run (0 = until stopped)", 0)
     fanout: int = _doc("peers sampled for a push-pull exchange each round (k)", 2)
-    aggregator: str = _doc("merge rule for own + received models (robust rules: see `--help`)", "mean")
+    defense: str = _doc("merge rule NAME[:ARGS]: mean | nna:F | median | trimmed-mean:F | krum:F | "
+                        "multi-krum:F,M | centered-clip:TAU | sybilwall | bristle", "mean")
+    variance_correction: bool = _doc("rescale each merged layer's spread to the inputs' mean variance "
+                                     "(Tian et al.; wraps any defense)", False)
     max_inbox: int = _doc("most pushed models kept between two merges (latest per peer)", 64)
     wait_peers: int = _doc("wait (up to wait_peers_s) for this many live peers before round 1", 0)
     wait_peers_s: float = _doc("longest wait for wait_peers", 30.0)
@@ -128,6 +131,18 @@ class GossipConfig:
         _require(self.wait_peers >= 0, "gossip.wait_peers", self.wait_peers, "integer >= 0")
         _require(self.wait_peers_s >= 0, "gossip.wait_peers_s", self.wait_peers_s, "float >= 0")
         _require(self.linger_s >= 0, "gossip.linger_s", self.linger_s, "float >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class AttackConfig:
+    """Test and benchmark only: make this node a Byzantine attacker (honest nodes never set this)."""
+
+    name: str = _doc("attack NAME[:ARGS] (sign-flip, gaussian, alie, ipm, label-flip, targeted-label-flip, "
+                     "backdoor, sybil, free-rider); empty = honest", "")
+    sybils: int = _doc("identities this attacker runs (sybil attack only)", 1)
+
+    def __post_init__(self) -> None:
+        _require(self.sybils >= 1, "attack.sybils", self.sybils, "integer >= 1")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -171,6 +186,7 @@ class NodeConfig:
     gossip: GossipConfig = field(default_factory=GossipConfig)
     timeouts: Timeouts = field(default_factory=Timeouts)
     output: OutputConfig = field(default_factory=OutputConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def __post_init__(self) -> None:
         _require(bool(_DEVICE_RE.match(self.device)), "device", self.device, "auto | cpu | cuda | cuda:N")
@@ -183,6 +199,7 @@ SECTIONS: dict[str, type] = {
     "gossip": GossipConfig,
     "timeouts": Timeouts,
     "output": OutputConfig,
+    "attack": AttackConfig,
 }
 
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import torch
 
-from defenses import Aggregator, make_aggregator
+from defenses import Aggregator, Layer, MergeContext, make_aggregator
 from p2pnode.config import NodeConfig
 from p2pnode.errors import ConfigError, MessageRejected, P2PNodeError, PeerUnreachable, TransportClosed
 from p2pnode.identity import Identity, load_or_create_identity
@@ -41,6 +41,7 @@ from p2pnode.transport.base import Transport
 from p2pnode.transport.p2p import P2PTransport
 from protocols.envelope import ReplayGuard, open_envelope, seal
 from protocols.errors import ProtocolError
+from protocols.exchange import pack_exchange, unpack_exchange
 from protocols.model import decode_model, encode_model
 from protocols.records import MembershipRecord
 
@@ -61,6 +62,32 @@ class PeerView(Protocol):
     async def refresh(self) -> list[MembershipRecord]: ...
     async def run(self, state: Callable[[], tuple[int, bytes]],
                   ready: asyncio.Event | None = None) -> None: ...
+
+
+class GossipExtension(Protocol):
+    """Side information a defense gossips along with the models (e.g. SybilWall's peer records).
+
+    ``attach`` returns the bytes to send to ``peer_id`` with our model (or ``None``); ``receive`` takes
+    what ``sender`` attached (already inside a verified envelope) and raises ``ProtocolError`` if it is
+    bad; ``extras`` is what the aggregator sees as ``MergeContext.extras`` at the next merge.
+    """
+
+    def attach(self, peer_id: str, round: int) -> bytes | None: ...
+    def receive(self, sender: str, data: bytes) -> None: ...
+    def extras(self) -> dict[str, Any]: ...
+
+
+def model_layers(model: torch.nn.Module) -> list[Layer]:
+    """The float tensors of ``model`` in flat-vector order (see ``p2pnode.trainer.flatten_state``)."""
+    params = {id(p) for p in model.parameters()}
+    layers, offset = [], 0
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if not tensor.is_floating_point():
+            continue
+        layers.append(Layer(name=name, offset=offset, shape=tuple(tensor.shape),
+                            is_buffer=id(tensor) not in params))
+        offset += tensor.numel()
+    return layers
 
 
 class Inbox:
@@ -119,13 +146,18 @@ class Node:
     role = "honest"
 
     def __init__(self, config: NodeConfig, identity: Identity, trainer: LocalTrainer, transport: Transport,
-                 membership: PeerView, aggregator: Aggregator) -> None:
+                 membership: PeerView, aggregator: Aggregator, extension: GossipExtension | None = None,
+                 ) -> None:
         self.config = config
         self.identity = identity
         self.trainer = trainer
         self.transport = transport
         self.membership = membership
         self.aggregator = aggregator
+        self.extension = extension
+        self.merge_state = aggregator.new_state()
+        self.layers = model_layers(trainer.model)
+        self.class_f1: Any = None  # set by tasks with a local validation split (Bristle)
         self.fingerprint = spec_fingerprint(trainer.model)
         self.inbox = Inbox(config.gossip.max_inbox)
         self.round = 0
@@ -136,10 +168,20 @@ class Node:
         self._max_bytes = config.network.max_message_bytes
 
     # -- wire --------------------------------------------------------------------------------------
-    def _seal_model(self, kind: str, flat: torch.Tensor) -> bytes:
-        payload = encode_model(flat, fingerprint=self.fingerprint, round=self.round)
+    # -- hooks (a Byzantine node overrides these; honest ones send what they have) ---------------------
+    def outgoing_model(self, own: torch.Tensor) -> torch.Tensor:
+        """The model this node sends; honest nodes send their own."""
+        return own
+
+    def observe(self, received: dict[str, torch.Tensor]) -> None:
+        """Called with the models received in a round, before the merge; honest nodes ignore it."""
+
+    # -- wire --------------------------------------------------------------------------------------
+    def _seal_model(self, kind: str, flat: torch.Tensor, peer_id: str) -> bytes:
+        model = encode_model(self.outgoing_model(flat), fingerprint=self.fingerprint, round=self.round)
+        attachment = self.extension.attach(peer_id, self.round) if self.extension is not None else None
         return seal(self.identity, kind=kind, swarm=self.config.network.swarm, round=self.round,
-                    seq=next(self._seq), payload=payload)
+                    seq=next(self._seq), payload=pack_exchange(model, attachment))
 
     def _open_model(self, data: bytes, *, kind: str, sender: str, guard: ReplayGuard) -> torch.Tensor:
         """Verify, replay-check and decode a model message from ``sender``; ProtocolError if bad."""
@@ -147,8 +189,13 @@ class Node:
         if env.sender != sender:
             raise ProtocolError(f"envelope signed by {env.sender}, but the connection is from {sender}")
         guard.check(env)
-        numel = self.trainer.num_params
-        return decode_model(env.payload, expected_numel=numel, fingerprint=self.fingerprint).flat
+        model, attachment = unpack_exchange(env.payload, max_bytes=self._max_bytes)
+        flat = decode_model(model, expected_numel=self.trainer.num_params, fingerprint=self.fingerprint).flat
+        if attachment is not None:
+            if self.extension is None:
+                raise ProtocolError("unexpected attachment: this node runs no gossip extension")
+            self.extension.receive(sender, attachment)
+        return flat
 
     def _reject(self, peer: str, exc: Exception) -> None:
         self.messages_rejected += 1
@@ -164,7 +211,7 @@ class Node:
         self.inbox.put(sender, flat)
         self.membership.mark_alive(sender)
         own = await asyncio.to_thread(self.trainer.get_flat)
-        return self._seal_model(KIND_PULL, own)
+        return self._seal_model(KIND_PULL, own, sender)
 
     async def _exchange_one(self, peer: MembershipRecord, request: bytes) -> torch.Tensor | None:
         timeout = self.config.timeouts.exchange
@@ -185,9 +232,10 @@ class Node:
 
     async def exchange(self, peers: Sequence[MembershipRecord], own: torch.Tensor) -> dict[str, torch.Tensor]:
         """Push ``own`` to every peer concurrently; return the models they replied with."""
-        request = self._seal_model(KIND_PUSH, own)
         async with asyncio.TaskGroup() as tg:
-            tasks = {p.peer_id: tg.create_task(self._exchange_one(p, request)) for p in peers}
+            tasks = {p.peer_id: tg.create_task(
+                self._exchange_one(p, self._seal_model(KIND_PUSH, own, p.peer_id)))
+                     for p in peers}
         return {peer: flat for peer, t in tasks.items() if (flat := t.result()) is not None}
 
     # -- rounds ------------------------------------------------------------------------------------
@@ -214,8 +262,9 @@ class Node:
         pulled = await self.exchange(peers, sent)
         pushed = self.inbox.drain()
         received = {**pushed, **pulled}  # a pulled model is at least as fresh as a pushed one
+        self.observe(received)
         if received:
-            merged = self.aggregator.aggregate(sent, received)
+            merged = await asyncio.to_thread(self.aggregator.aggregate, sent, received, self._merge_context())
             await asyncio.to_thread(self.trainer.add_flat_, merged - sent)
         report = RoundReport(round=self.round, train_loss=loss, peers_in_view=len(self.membership.live()),
                              pulled=len(pulled), pushed_to_us=len(pushed))
@@ -223,6 +272,11 @@ class Node:
             report.test_accuracy, report.test_loss = await asyncio.to_thread(
                 self.trainer.evaluate, cfg.task.eval_samples)
         return report
+
+    def _merge_context(self) -> MergeContext:
+        extras = self.extension.extras() if self.extension is not None else {}
+        return MergeContext(round=self.round, layers=self.layers, state=self.merge_state,
+                            class_f1=self.class_f1, extras=extras)
 
     def counters(self) -> dict[str, Any]:
         stats = self.transport.stats
@@ -259,7 +313,7 @@ def _build_aggregator(spec: str) -> Aggregator:
     try:
         return make_aggregator(spec)
     except ValueError as exc:
-        raise ConfigError("gossip.aggregator", spec, str(exc)) from exc
+        raise ConfigError("gossip.defense", spec, str(exc)) from exc
 
 
 class NodeRuntime:
@@ -277,7 +331,7 @@ class NodeRuntime:
 
     async def run(self) -> int:
         cfg = self.config
-        aggregator = _build_aggregator(cfg.gossip.aggregator)
+        aggregator = _build_aggregator(cfg.gossip.defense)
         net = cfg.network
         key_path = str(Path(net.identity).expanduser())  # noqa: ASYNC240 - no I/O, string expansion only
         identity = load_or_create_identity(Path(key_path))

@@ -196,7 +196,7 @@ def test_supervisor_command_line_parses(tmp_path: Path, fake_node: list[NodeConf
     # Prepare
     opts = SwarmOptions(nodes=3, rounds=4, task="digits", partition="dirichlet:0.3", seed=7, fanout=1,
                         local_steps=5, device="cpu", out=tmp_path / "run", linger_s=2.5, log_level="info",
-                        extra_args=["--batch-size", "8", "--aggregator", "mean"])
+                        extra_args=["--batch-size", "8", "--defense", "mean"])
     swarm = Swarm(opts, node_command=[])
     swarm._bootstrap_maddr = PEER
     paths = swarm.node_paths(1)
@@ -214,7 +214,7 @@ def test_supervisor_command_line_parses(tmp_path: Path, fake_node: list[NodeConf
     assert config.output.metrics_file == str(paths.metrics)
     assert config.output.ready_file == str(paths.ready)
     assert config.output.result_file == str(paths.result)
-    assert (config.task.batch_size, config.gossip.aggregator) == (8, "mean")
+    assert (config.task.batch_size, config.gossip.defense) == (8, "mean")
 
 
 def test_bootstrap_command_line_parses(tmp_path: Path, fake_node: list[NodeConfig]) -> None:

@@ -18,6 +18,7 @@ from p2pnode.tasks import ShardSpec, make_task
 from p2pnode.trainer import LocalTrainer
 from p2pnode.transport import MemoryNetwork, MemoryTransport
 from protocols.envelope import seal
+from protocols.exchange import pack_exchange
 from protocols.model import encode_model
 from protocols.records import MembershipRecord
 
@@ -115,7 +116,7 @@ def test_models_pushed_to_a_node_are_merged_in_its_next_round() -> None:
 
 
 def _sealed_push(sender: Identity, node: Node, flat: torch.Tensor, *, seq: int) -> bytes:
-    payload = encode_model(flat, fingerprint=node.fingerprint, round=1)
+    payload = pack_exchange(encode_model(flat, fingerprint=node.fingerprint, round=1))
     return seal(sender, kind=KIND_PUSH, swarm="t", round=1, seq=seq, payload=payload)
 
 
@@ -132,7 +133,8 @@ def test_bad_pushes_are_rejected_counted_and_the_node_keeps_serving(attack: str)
             "impostor": _sealed_push(Identity.generate(), b, flat, seq=2),  # signed by someone else
             "nan": _sealed_push(a.identity, b, torch.full_like(flat, float("nan")), seq=2),
             "wrong-size": seal(a.identity, kind=KIND_PUSH, swarm="t", round=1, seq=2,
-                               payload=encode_model(flat[:-1], fingerprint=b.fingerprint, round=1)),
+                               payload=pack_exchange(encode_model(flat[:-1], fingerprint=b.fingerprint,
+                                                                  round=1))),
         }[attack]
 
         with pytest.raises(MessageRejected):

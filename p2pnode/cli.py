@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_swarm(sub)
     _add_key_commands(sub)
+    from p2pnode.cli_bench import add_bench
+
+    add_bench(sub)
     return parser
 
 
@@ -345,8 +348,15 @@ def _cmd_peer_id(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(ns: argparse.Namespace) -> int:
+    from p2pnode.cli_bench import cmd_bench
+
+    return cmd_bench(ns)
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run, "swarm": _cmd_swarm, "init": _cmd_init, "keygen": _cmd_keygen, "peer-id": _cmd_peer_id,
+    "bench": _cmd_bench,
 }
 
 

@@ -84,6 +84,9 @@ class SwarmOptions:
     seed: int = _doc("base random seed passed to every node", 0)
     fanout: int = _doc("peers sampled for a push-pull exchange each round (k)", 2)
     local_steps: int = _doc("local SGD steps between two exchanges (H)", 20)
+    defense: str = _doc("merge rule of every node, NAME[:ARGS] (see `p2pnode run --help`)", "mean")
+    byzantine: int = _doc("how many nodes (the last ones) run --attack; test and benchmark only", 0)
+    attack: str = _doc("attack NAME[:ARGS] of the Byzantine nodes (see `p2pnode run --help`)", "")
     device: str = _doc("where nodes train: auto | cpu | cuda | cuda:N", "cpu")
     out: Path = _doc("output directory (keys/, logs/, nodes/, summary.json, metrics.jsonl, accuracy.png)",
                      default_factory=_default_out)
@@ -103,7 +106,8 @@ class SwarmOptions:
             self.swarm = swarm_name_for(self.out)
         if self.round_timeout_s is None and isinstance(self.rounds, int):
             self.round_timeout_s = 60.0 + 30.0 * self.rounds
-        for name, low in (("nodes", 1), ("rounds", 1), ("seed", 0), ("fanout", 0), ("local_steps", 1)):
+        for name, low in (("nodes", 1), ("rounds", 1), ("seed", 0), ("fanout", 0), ("local_steps", 1),
+                          ("byzantine", 0)):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"swarm.{name}",
                      value, f"integer >= {low}")
@@ -121,6 +125,12 @@ class SwarmOptions:
             secs = getattr(self, name)
             ok = isinstance(secs, int | float) and (secs >= 0 if zero_ok else secs > 0)
             _require(ok, f"swarm.{name}", secs, "seconds >= 0" if zero_ok else "seconds > 0")
+        _require(self.byzantine < self.nodes, "swarm.byzantine", self.byzantine,
+                 f"0 <= byzantine < nodes ({self.nodes})")
+        _require(self.byzantine == 0 or bool(self.attack), "swarm.attack", self.attack,
+                 "an attack NAME[:ARGS] when --byzantine > 0")
+        _require(isinstance(self.defense, str) and bool(self.defense), "swarm.defense", self.defense,
+                 "a defense NAME[:ARGS]")
         _require(self.log_level in _LOG_LEVELS, "swarm.log_level", self.log_level, " | ".join(_LOG_LEVELS))
         _require(isinstance(self.extra_args, list) and all(isinstance(a, str) for a in self.extra_args),
                  "swarm.extra_args", self.extra_args, "a list of strings")
@@ -240,9 +250,11 @@ class Swarm:
         cmd += ["--metrics-file", str(p.metrics), "--ready-file", str(p.ready),
                 "--result-file", str(p.result), "--linger-s", str(o.linger_s),
                 "--fanout", str(o.fanout), "--local-steps", str(o.local_steps), "--device", o.device,
-                "--threads", "1", "--log-level", o.log_level,
+                "--threads", "1", "--log-level", o.log_level, "--defense", o.defense,
                 # every node waits (bounded) until the others are in its view, so none races ahead alone
                 "--wait-peers", str(o.nodes - 1), *o.extra_args]
+        if i >= o.nodes - o.byzantine:
+            cmd += ["--attack", o.attack]
         return cmd
 
     def _launch(self, i: int) -> None:

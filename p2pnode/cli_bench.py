@@ -1,0 +1,89 @@
+"""``p2pnode bench …``: the benchmark subcommands (kept apart from the daemon's own CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _csv(kind: type) -> Any:
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+    return parse
+
+
+def add_bench(sub: Any) -> None:
+    """Register ``bench robustness`` and ``bench defenses`` on the top-level subparsers."""
+    bench = sub.add_parser("bench", help="benchmarks (robustness matrix, defense timings)",
+                           description="Benchmarks whose figures go into BENCHMARKS.md.", allow_abbrev=False)
+    which = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+
+    from p2pnode.bench.robustness import RobustnessOptions
+
+    d = RobustnessOptions()
+    p = which.add_parser("robustness", allow_abbrev=False,
+                         help="attack x defense matrix and the Sybil table (in-process swarms)",
+                         description="Each cell is an in-process swarm of the daemon's Node code on "
+                                     "fashion-mnist, Dirichlet(1): honest mean/min accuracy per cell, "
+                                     "and the targeted 0->1 success for 1, 5, 15 Sybils. "
+                                     "Resumes from --json.")
+    p.add_argument("--honest", type=int, default=d.honest, help=f"honest nodes (default {d.honest})")
+    p.add_argument("--byzantine", type=int, default=d.byzantine,
+                   help=f"attackers per cell (default {d.byzantine})")
+    p.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds per cell (default {d.rounds})")
+    p.add_argument("--fanout", type=int, default=d.fanout, help=f"peers per round (default {d.fanout})")
+    p.add_argument("--local-steps", type=int, default=d.local_steps,
+                   help=f"H (default {d.local_steps})")
+    p.add_argument("--f", type=int, default=d.f, help=f"F of the F-rules (default {d.f})")
+    p.add_argument("--task", default=d.task, help=f"task (default {d.task})")
+    p.add_argument("--partition", default=d.partition, help=f"partition (default {d.partition})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help=f"cells run in parallel (default {d.workers})")
+    p.add_argument("--attacks", type=_csv(str), default=d.attacks, help="comma-separated matrix rows")
+    p.add_argument("--defenses", type=_csv(str), default=d.defenses,
+                   help="comma-separated matrix columns ({f} and {m} are filled in)")
+    p.add_argument("--sybils", type=_csv(int), default=d.sybil_counts, help="Sybil counts (default 1,5,15)")
+    p.add_argument("--sybil-defenses", type=_csv(str), default=d.sybil_defenses, help="Sybil table columns")
+    p.add_argument("--json", type=Path, default=d.json_path, help=f"results file (default {d.json_path})")
+    p.add_argument("--plot", type=Path, default=None, help="heat map PNG of the matrix")
+
+    p = which.add_parser("defenses", allow_abbrev=False, help="time every merge rule against byzfl",
+                         description="Time each rule at n inputs and each d, on CPU (and CUDA when present), "
+                                     "with byzfl's equivalents in the same run.")
+    p.add_argument("--n", type=int, default=16, help="inputs per merge (default 16)")
+    p.add_argument("--dims", type=_csv(int), default=(1_000_000, 25_600_000), help="vector lengths")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per rule (median reported)")
+    p.add_argument("--json", type=Path, default=Path("runs/bench-defenses.json"), help="results file")
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    if ns.bench == "robustness":
+        from p2pnode.bench.robustness import RobustnessOptions, run_robustness
+
+        opts = RobustnessOptions(honest=ns.honest, byzantine=ns.byzantine, rounds=ns.rounds, fanout=ns.fanout,
+                                 local_steps=ns.local_steps, f=ns.f, task=ns.task, partition=ns.partition,
+                                 seed=ns.seed, workers=ns.workers, attacks=ns.attacks, defenses=ns.defenses,
+                                 sybil_counts=ns.sybils, sybil_defenses=ns.sybil_defenses, json_path=ns.json,
+                                 plot_path=ns.plot)
+
+        def progress(row: dict[str, Any], done: int, total: int) -> None:
+            figures = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
+            cell = f"{row['table']} {row['attack']} {row.get('sybils', '')} {row['defense']}"
+            print(f"[{done}/{total}] {cell}: {json.dumps(figures)}", file=sys.stderr, flush=True)
+
+        run_robustness(opts, on_cell=progress)
+        print(f"results: {ns.json}")
+        return 0
+    from p2pnode.bench.defenses import run_defense_bench
+
+    run_defense_bench(n=ns.n, dims=ns.dims, repeats=ns.repeats, json_path=ns.json)
+    print(f"results: {ns.json}")
+    return 0

@@ -1,0 +1,229 @@
+"""A swarm of real :class:`~p2pnode.node.Node` objects in one process, over the in-memory transport.
+
+Every node runs the daemon's own round loop, signs and verifies every envelope, and merges through
+the configured defense; only the libp2p transport and the DHT are replaced, by
+:class:`~p2pnode.transport.MemoryTransport` and :class:`FullView` (every other live node is in view).
+Rounds are synchronous: in round r every node runs ``run_round`` concurrently, and round r+1 starts
+when all have finished. This is what the robustness benchmark runs (20 nodes × many cells would not
+fit on a 2-core machine as separate processes); the multi-process ``p2pnode swarm`` runs the same
+configurations for real.
+
+It writes the same ``summary.json`` contract as ``p2pnode swarm``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from defenses import make_aggregator
+from p2pnode.config import AttackConfig, GossipConfig, NodeConfig, TaskConfig
+from p2pnode.identity import Identity
+from p2pnode.node import Node, model_layers
+from p2pnode.report import plot_accuracy
+from p2pnode.tasks import ShardSpec, make_task
+from p2pnode.trainer import LocalTrainer
+from p2pnode.transport import MemoryNetwork, MemoryTransport
+from protocols.records import MembershipRecord
+
+logger = logging.getLogger(__name__)
+
+NodeFactory = Callable[..., Node]
+
+
+@dataclass(kw_only=True, slots=True)
+class InprocOptions:
+    """One in-process swarm run. Byzantine nodes are the last ``byzantine`` indices."""
+
+    nodes: int = 8
+    byzantine: int = 0
+    attack: str = ""
+    rounds: int = 20
+    task: str = "fashion-mnist"
+    partition: str = "iid"
+    fanout: int = 2
+    local_steps: int = 20
+    batch_size: int = 32
+    lr: float = 0.05
+    defense: str = "mean"
+    variance_correction: bool = False
+    seed: int = 0
+    independent_init: bool = False  # each node starts from its own random weights (vanishing variance)
+    eval_every: int = 0  # 0: only the final evaluation
+    eval_samples: int = 2000
+    final_eval_samples: int = 10_000
+    out: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.byzantine < self.nodes:
+            raise ValueError(f"byzantine must be in [0, nodes), got {self.byzantine} of {self.nodes}")
+        if self.byzantine and not self.attack:
+            raise ValueError("byzantine > 0 needs an attack")
+
+
+class FullView:
+    """Membership view of an in-process swarm: every other registered, live node."""
+
+    def __init__(self, own: str, registry: dict[str, MembershipRecord], rng: random.Random) -> None:
+        self.own, self.registry, self.rng = own, registry, rng
+        self.rejected = 0
+        self._down: set[str] = set()
+
+    def live(self) -> list[MembershipRecord]:
+        return [r for p, r in self.registry.items() if p != self.own and p not in self._down]
+
+    def sample(self, k: int) -> list[MembershipRecord]:
+        live = self.live()
+        return self.rng.sample(live, min(k, len(live)))
+
+    def mark_unreachable(self, peer_id: str) -> None:
+        self._down.add(peer_id)
+
+    def mark_alive(self, peer_id: str) -> None:
+        self._down.discard(peer_id)
+
+    async def refresh(self) -> list[MembershipRecord]:
+        return self.live()
+
+    async def run(self, state: Callable[[], tuple[int, bytes]], ready: asyncio.Event | None = None) -> None:
+        if ready is not None:
+            ready.set()
+
+
+def _node_config(opts: InprocOptions, i: int) -> NodeConfig:
+    byz = i >= opts.nodes - opts.byzantine
+    task = TaskConfig(name=opts.task, partition=opts.partition, shard=i, num_shards=opts.nodes,
+                      batch_size=opts.batch_size, lr=opts.lr, local_steps=opts.local_steps,
+                      eval_every=opts.eval_every or 10**9, eval_samples=opts.eval_samples)
+    gossip = GossipConfig(rounds=opts.rounds, fanout=opts.fanout, defense=opts.defense,
+                          variance_correction=opts.variance_correction)
+    cfg = NodeConfig(device="cpu", seed=opts.seed, task=task, gossip=gossip,
+                     attack=AttackConfig(name=opts.attack if byz else ""))
+    cfg.network.swarm = "inproc"
+    return cfg
+
+
+def _default_factory(config: NodeConfig, identity: Identity, trainer: LocalTrainer,
+                     transport: MemoryTransport, view: FullView) -> Node:
+    try:
+        from p2pnode.byzantine import make_node
+    except ImportError:  # the attack suite is optional for honest-only runs
+        make_node = None
+    aggregator = make_aggregator(config.gossip.defense, variance_correction=config.gossip.variance_correction)
+    if make_node is not None:
+        return make_node(config, identity, trainer, transport, view, aggregator)
+    if config.attack.name:
+        raise ValueError("attacks need p2pnode.byzantine")
+    return Node(config, identity, trainer, transport, view, aggregator)
+
+
+def _shard(opts: InprocOptions, i: int) -> ShardSpec:
+    """Node i's shard. Sybil identities are one attacker: they all train on the attacker's single shard."""
+    honest = opts.nodes - opts.byzantine
+    if opts.attack.startswith("sybil") and opts.byzantine:
+        return ShardSpec(index=min(i, honest), count=honest + 1, partition=opts.partition, seed=opts.seed)
+    return ShardSpec(index=i, count=opts.nodes, partition=opts.partition, seed=opts.seed)
+
+
+def _build_trainer(opts: InprocOptions, cfg: NodeConfig, i: int) -> LocalTrainer:
+    task = make_task(opts.task)
+    data = task.load(_shard(opts, i))
+    init_seed = opts.seed * 1000 + i if opts.independent_init else opts.seed
+    t = cfg.task
+    return LocalTrainer(task.build_model(init_seed), data, lr=t.lr, momentum=t.momentum,
+                        batch_size=t.batch_size, device=torch.device("cpu"), seed=opts.seed * 100_003 + i)
+
+
+class InprocSwarm:
+    """Builds the nodes of an :class:`InprocOptions` run and drives them round by round."""
+
+    def __init__(self, opts: InprocOptions, *, factory: NodeFactory = _default_factory) -> None:
+        self.opts = opts
+        self.network = MemoryNetwork()
+        self.registry: dict[str, MembershipRecord] = {}
+        self.nodes: list[Node] = []
+        self.rows: list[dict[str, Any]] = []
+        for i in range(opts.nodes):
+            cfg = _node_config(opts, i)
+            identity = Identity.generate()
+            trainer = _build_trainer(opts, cfg, i)
+            transport = MemoryTransport(self.network, identity.peer_id)
+            view = FullView(identity.peer_id, self.registry, random.Random(f"{opts.seed}/{i}"))
+            self.nodes.append(factory(cfg, identity, trainer, transport, view))
+            self.registry[identity.peer_id] = MembershipRecord(
+                peer_id=identity.peer_id, swarm="inproc", maddrs=(), round=0, mode="gossip", codec="dense",
+                model_fingerprint=b"", timestamp=time.time())
+
+    async def run(self, progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+        """Run every round on every node; return the final per-node results."""
+        for node in self.nodes:
+            await node.transport.start(node.serve)
+        for r in range(1, self.opts.rounds + 1):
+            reports = await asyncio.gather(*(n.run_round() for n in self.nodes))
+            for i, (node, rep) in enumerate(zip(self.nodes, reports)):
+                self.rows.append({"event": "round", "node": i, "role": node.role, **node.counters(),
+                                  **asdict(rep)})
+            if progress is not None:
+                progress(r)
+        n_eval = self.opts.final_eval_samples
+        finals = await asyncio.gather(*(asyncio.to_thread(n.trainer.evaluate, n_eval) for n in self.nodes))
+        results = []
+        for i, (node, (acc, loss)) in enumerate(zip(self.nodes, finals)):
+            row = {"event": "final", "node": i, **node.counters(), "rounds": node.round, "round": node.round,
+                   "test_accuracy": acc, "test_loss": loss}
+            self.rows.append(row)
+            results.append(row)
+        return results
+
+    def models(self, honest_only: bool = True) -> torch.Tensor:
+        """The current flat models stacked, shape ``(n, d)``."""
+        chosen = [n for n in self.nodes if not honest_only or n.role == "honest"]
+        return torch.stack([n.trainer.get_flat() for n in chosen])
+
+    def layers(self) -> list[Any]:
+        return model_layers(self.nodes[0].trainer.model)
+
+
+def summarize(opts: InprocOptions, results: list[dict[str, Any]], wall_time_s: float) -> dict[str, Any]:
+    """The ``summary.json`` contract shared with ``p2pnode swarm``."""
+    keys = ("node", "peer_id", "role", "rounds", "test_accuracy", "test_loss", "bytes_sent", "bytes_received",
+            "messages_rejected")
+    nodes = [{k: r[k] for k in keys} for r in results]
+    honest = [n["test_accuracy"] for n in nodes if n["role"] != "byzantine"]
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
+    return {"config": config, "wall_time_s": round(wall_time_s, 3), "nodes": nodes,
+            "honest_accuracy_mean": sum(honest) / len(honest), "honest_accuracy_min": min(honest),
+            "runner": "inproc"}
+
+
+def run_inproc(opts: InprocOptions, *, factory: NodeFactory = _default_factory,
+               progress: Callable[[int], None] | None = None,
+               measure: Callable[[InprocSwarm], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run one in-process swarm and return its summary (also written under ``opts.out`` if set).
+
+    ``measure`` is called with the finished swarm; what it returns is stored as ``summary["measures"]``.
+    """
+    t0 = time.time()
+    swarm = InprocSwarm(opts, factory=factory)
+    results = asyncio.run(swarm.run(progress))
+    summary = summarize(opts, results, time.time() - t0)
+    if measure is not None:
+        summary["measures"] = measure(swarm)
+    if opts.out is not None:
+        out = Path(opts.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in swarm.rows)
+        plot_accuracy(swarm.rows, out / "accuracy.png", title=f"{opts.task}: {opts.nodes} nodes (in-process)")
+    return summary

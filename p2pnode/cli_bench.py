@@ -55,6 +55,24 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--json", type=Path, default=d.json_path, help=f"results file (default {d.json_path})")
     p.add_argument("--plot", type=Path, default=None, help="heat map PNG of the matrix")
 
+    from p2pnode.bench.variance import VarianceOptions
+
+    v = VarianceOptions()
+    p = which.add_parser("variance", allow_abbrev=False,
+                         help="rounds to a target accuracy, mean vs mean + variance correction",
+                         description="In-process swarms from independent random initialisations: the "
+                                     "first round whose honest mean accuracy reaches --target, per seed, "
+                                     "with and without --variance-correction (median over seeds).")
+    p.add_argument("--nodes", type=int, default=v.nodes, help=f"nodes (default {v.nodes})")
+    p.add_argument("--rounds", type=int, default=v.rounds, help=f"rounds (default {v.rounds})")
+    p.add_argument("--fanout", type=int, default=v.fanout, help=f"peers per round (default {v.fanout})")
+    p.add_argument("--local-steps", type=int, default=v.local_steps, help=f"H (default {v.local_steps})")
+    p.add_argument("--task", default=v.task, help=f"task (default {v.task})")
+    p.add_argument("--target", type=float, default=v.target, help=f"target accuracy (default {v.target})")
+    p.add_argument("--seeds", type=_csv(int), default=v.seeds, help="seeds (default 0,1,2)")
+    p.add_argument("--json", type=Path, default=v.json_path, help=f"results file (default {v.json_path})")
+    p.add_argument("--plot", type=Path, default=v.plot_path, help=f"plot (default {v.plot_path})")
+
     p = which.add_parser("defenses", allow_abbrev=False, help="time every merge rule against byzfl",
                          description="Time each rule at n inputs and each d, on CPU (and CUDA when present), "
                                      "with byzfl's equivalents in the same run.")
@@ -81,6 +99,15 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
         run_robustness(opts, on_cell=progress)
         print(f"results: {ns.json}")
+        return 0
+    if ns.bench == "variance":
+        from p2pnode.bench.variance import VarianceOptions, run_variance_bench
+
+        result = run_variance_bench(VarianceOptions(
+            nodes=ns.nodes, rounds=ns.rounds, fanout=ns.fanout, local_steps=ns.local_steps, task=ns.task,
+            target=ns.target, seeds=ns.seeds, json_path=ns.json, plot_path=ns.plot))
+        print(f"median rounds to {ns.target}: mean {result['median_rounds_mean']}, corrected "
+              f"{result['median_rounds_corrected']} (ratio {result['ratio']:.2f}); results: {ns.json}")
         return 0
     from p2pnode.bench.defenses import run_defense_bench
 

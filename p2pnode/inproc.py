@@ -102,7 +102,8 @@ class FullView:
 
 def _node_config(opts: InprocOptions, i: int) -> NodeConfig:
     byz = i >= opts.nodes - opts.byzantine
-    task = TaskConfig(name=opts.task, partition=opts.partition, shard=i, num_shards=opts.nodes,
+    shard = _shard(opts, i)
+    task = TaskConfig(name=opts.task, partition=opts.partition, shard=shard.index, num_shards=shard.count,
                       batch_size=opts.batch_size, lr=opts.lr, local_steps=opts.local_steps,
                       eval_every=opts.eval_every or 10**9, eval_samples=opts.eval_samples)
     gossip = GossipConfig(rounds=opts.rounds, fanout=opts.fanout, defense=opts.defense,
@@ -115,16 +116,10 @@ def _node_config(opts: InprocOptions, i: int) -> NodeConfig:
 
 def _default_factory(config: NodeConfig, identity: Identity, trainer: LocalTrainer,
                      transport: MemoryTransport, view: FullView) -> Node:
-    try:
-        from p2pnode.byzantine import make_node
-    except ImportError:  # the attack suite is optional for honest-only runs
-        make_node = None
+    from p2pnode.byzantine import make_node
+
     aggregator = make_aggregator(config.gossip.defense, variance_correction=config.gossip.variance_correction)
-    if make_node is not None:
-        return make_node(config, identity, trainer, transport, view, aggregator)
-    if config.attack.name:
-        raise ValueError("attacks need p2pnode.byzantine")
-    return Node(config, identity, trainer, transport, view, aggregator)
+    return make_node(config, identity, trainer, transport, view, aggregator)
 
 
 def _shard(opts: InprocOptions, i: int) -> ShardSpec:
@@ -140,8 +135,9 @@ def _build_trainer(opts: InprocOptions, cfg: NodeConfig, i: int) -> LocalTrainer
     data = task.load(_shard(opts, i))
     init_seed = opts.seed * 1000 + i if opts.independent_init else opts.seed
     t = cfg.task
+    shard = _shard(opts, i).index  # Sybil identities share the attacker's shard and batch order
     return LocalTrainer(task.build_model(init_seed), data, lr=t.lr, momentum=t.momentum,
-                        batch_size=t.batch_size, device=torch.device("cpu"), seed=opts.seed * 100_003 + i)
+                        batch_size=t.batch_size, device=torch.device("cpu"), seed=opts.seed * 100_003 + shard)
 
 
 class InprocSwarm:

@@ -176,6 +176,10 @@ class Node:
     def observe(self, received: dict[str, torch.Tensor]) -> None:
         """Called with the models received in a round, before the merge; honest nodes ignore it."""
 
+    def local_training(self, steps: int) -> float:
+        """``steps`` local SGD steps on the own shard; returns their mean loss (runs in a worker thread)."""
+        return self.trainer.train_steps(steps)
+
     # -- wire --------------------------------------------------------------------------------------
     def _seal_model(self, kind: str, flat: torch.Tensor, peer_id: str) -> bytes:
         model = encode_model(self.outgoing_model(flat), fingerprint=self.fingerprint, round=self.round)
@@ -256,7 +260,7 @@ class Node:
         """Train H steps, exchange with k sampled peers, merge, maybe evaluate."""
         cfg = self.config
         self.round += 1
-        loss = await asyncio.to_thread(self.trainer.train_steps, cfg.task.local_steps)
+        loss = await asyncio.to_thread(self.local_training, cfg.task.local_steps)
         sent = await asyncio.to_thread(self.trainer.get_flat)
         peers = self.membership.sample(cfg.gossip.fanout)
         pulled = await self.exchange(peers, sent)
@@ -330,6 +334,8 @@ class NodeRuntime:
         self.stop.set()
 
     async def run(self) -> int:
+        from p2pnode.byzantine import make_node  # here, not at the top: p2pnode.byzantine imports this module
+
         cfg = self.config
         aggregator = _build_aggregator(cfg.gossip.defense)
         net = cfg.network
@@ -351,7 +357,7 @@ class NodeRuntime:
             membership = Membership(dht, identity, swarm=net.swarm, heartbeat_s=net.heartbeat_s,
                                     ttl_s=net.record_ttl_s, unreachable_s=net.unreachable_s,
                                     dht_timeout=cfg.timeouts.dht, rng=rng)
-            node = Node(cfg, identity, trainer, transport, membership, aggregator)
+            node = make_node(cfg, identity, trainer, transport, membership, aggregator)
             await transport.start(node.serve)
             return await self._supervise(node, visible_maddrs(dht))
         finally:

@@ -60,7 +60,7 @@ class RobustnessOptions:
 
 
 def _cells(opts: RobustnessOptions) -> list[dict[str, Any]]:
-    cells = [{"table": "matrix", "attack": a, "defense": opts.defense(d)}
+    cells: list[dict[str, Any]] = [{"table": "matrix", "attack": a, "defense": opts.defense(d)}
              for a in opts.attacks for d in opts.defenses]
     cells += [{"table": "sybil", "attack": "sybil", "sybils": m, "defense": opts.defense(d)}
               for m in opts.sybil_counts for d in opts.sybil_defenses]

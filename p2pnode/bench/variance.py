@@ -70,7 +70,7 @@ def _run(opts: VarianceOptions, seed: int, corrected: bool) -> list[float]:
 
 def run_variance_bench(opts: VarianceOptions) -> dict[str, Any]:
     """Run every (seed, corrected) pair and summarise rounds-to-target; writes JSON (and a plot)."""
-    runs = []
+    runs: list[dict[str, Any]] = []
     for seed in opts.seeds:
         for corrected in (False, True):
             curve = _run(opts, seed, corrected)
@@ -81,8 +81,8 @@ def run_variance_bench(opts: VarianceOptions) -> dict[str, Any]:
     never = opts.rounds + 1  # a run that never reaches the target counts as rounds + 1 (and is flagged)
 
     def med(corrected: bool) -> float:
-        chosen = [r["rounds_to_target"] or never for r in runs if r["variance_correction"] is corrected]
-        return statistics.median(chosen)
+        chosen = [int(r["rounds_to_target"] or never) for r in runs if r["variance_correction"] is corrected]
+        return float(statistics.median(chosen))
 
     result = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in
                           ((f, getattr(opts, f)) for f in opts.__dataclass_fields__)},

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 
@@ -83,6 +83,21 @@ class Aggregator(ABC):
     def aggregate(self, own: torch.Tensor, received: Mapping[str, torch.Tensor],
                   context: MergeContext | None = None) -> torch.Tensor:
         """Return the merged model, shape ``(d,)``."""
+
+    @classmethod
+    def from_args(cls, args: str) -> Self:
+        """Build the rule from the ``ARGS`` of a ``NAME:ARGS`` spec (``""`` when there are none).
+
+        Rules with parameters override this; the default takes none.
+
+        Raises
+        ------
+        ValueError
+            If ``args`` is not what the rule takes; the message gives the expected form.
+        """
+        if args:
+            raise ValueError(f"aggregator {cls.name!r} takes no arguments, got {args!r}")
+        return cls()
 
     def new_state(self) -> Any:
         """A fresh state object for stateful rules (``None`` for stateless ones)."""

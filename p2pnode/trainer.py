@@ -142,7 +142,10 @@ class LocalTrainer:
     device
         Where to train and evaluate.
     seed
-        Seeds the batch sampler (a private :class:`torch.Generator`).
+        Seeds the batch sampler (a private :class:`torch.Generator`) and the validation split.
+    val_fraction
+        Share of the shard held out as a local validation split (see :func:`stratified_split`) for
+        :meth:`class_f1`; ``0.0`` (the default) keeps the whole shard for training.
     """
 
     def __init__(
@@ -155,14 +158,27 @@ class LocalTrainer:
         batch_size: int,
         device: torch.device,
         seed: int,
+        val_fraction: float = 0.0,
     ) -> None:
         if len(data.train_y) == 0:
             raise TaskError("this node's training shard is empty; use fewer shards or another partition")
         if batch_size < 1:
             raise ConfigError("task.batch_size", batch_size, "integer >= 1")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError("val_fraction", val_fraction, "0 <= val_fraction < 1")
         self.device = device
         self.model = model.to(device).train()
         self._eval_model = copy.deepcopy(self.model).eval()
+        self.num_classes = data.num_classes
+        self.class_counts = torch.bincount(data.train_y, minlength=data.num_classes)  # whole shard, (C,)
+        train_idx, val_idx = stratified_split(data.train_y, val_fraction, seed)
+        self.val_x, self.val_y = data.train_x[val_idx].to(device), data.train_y[val_idx].to(device)
+        self.val_class_counts = torch.bincount(data.train_y[val_idx], minlength=data.num_classes)
+        self._f1_model = copy.deepcopy(self.model).eval()
+        self._f1_lock = threading.Lock()
+        if len(val_idx):
+            data = TaskData(data.train_x[train_idx], data.train_y[train_idx], data.test_x, data.test_y,
+                            data.num_classes)
         self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
         self.test_x, self.test_y = data.test_x.to(device), data.test_y.to(device)
         self.batch_size = min(batch_size, len(self.train_y))
@@ -228,6 +244,27 @@ class LocalTrainer:
             correct += (logits.argmax(dim=1) == y).sum()
         return float(correct.item()) / n, float(loss_sum.item()) / n
 
+    @torch.no_grad()
+    def class_f1(self, flat: torch.Tensor) -> torch.Tensor:
+        """Per-class F1 of the model given by ``flat`` on the local validation split.
+
+        ``flat`` is loaded into a private eval-mode copy of the model (the live model is untouched,
+        training may continue). Returns a CPU float32 tensor of shape ``(num_classes,)``; see
+        :func:`per_class_f1` for classes without validation samples.
+
+        Raises
+        ------
+        ValueError
+            If there is no validation split (``val_fraction`` was 0) or ``flat`` has the wrong length.
+        """
+        if len(self.val_y) == 0:
+            raise ValueError("no local validation split: build the LocalTrainer with val_fraction > 0")
+        with self._f1_lock:
+            _apply_flat(self._f1_model, flat, add=False)
+            preds = torch.cat([self._f1_model(self.val_x[i : i + _EVAL_BATCH]).argmax(dim=1)
+                               for i in range(0, len(self.val_y), _EVAL_BATCH)])
+        return per_class_f1(preds, self.val_y, self.num_classes).cpu()
+
     def get_flat(self) -> torch.Tensor:
         """Return a CPU float32 copy of the flat model vector."""
         with self._lock:
@@ -264,6 +301,59 @@ class LocalTrainer:
             self._generator.set_state(state["generator"])
             self._perm = state["perm"].to(self.device)
             self._cursor = int(state["cursor"])
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split sample indices into ``(train, validation)``, class by class.
+
+    Every class with ``n_c >= 2`` samples gives ``min(n_c - 1, max(1, round(fraction * n_c)))`` random
+    samples to validation (at least one, and at least one stays for training); a class with a single
+    sample stays in training. ``fraction == 0`` gives ``(all indices, empty)``.
+
+    Parameters
+    ----------
+    labels
+        ``(n,)`` int64 class labels of the shard.
+    fraction
+        Target share of each class held out, ``0 <= fraction < 1``.
+    seed
+        Seeds the choice (a private generator; global RNG state is untouched).
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        Sorted int64 index tensors ``(train, validation)``; disjoint, together ``0..n-1``.
+    """
+    labels = labels.cpu()
+    everything = torch.arange(len(labels))
+    if fraction <= 0.0:
+        return everything, torch.empty(0, dtype=torch.int64)
+    generator = torch.Generator().manual_seed((seed * 7919 + 17) % 2**64)
+    val_parts = []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        n_c = len(members)
+        if n_c < 2:
+            continue
+        n_val = min(n_c - 1, max(1, round(fraction * n_c)))
+        val_parts.append(members[torch.randperm(n_c, generator=generator)[:n_val]])
+    val = torch.sort(torch.cat(val_parts)).values if val_parts else torch.empty(0, dtype=torch.int64)
+    in_val = torch.zeros(len(labels), dtype=torch.bool)
+    in_val[val] = True
+    return everything[~in_val], val
+
+
+def per_class_f1(preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class F1 ``2 TP / (2 TP + FP + FN)`` of predicted vs true labels, shape ``(num_classes,)``.
+
+    A class that is neither present in ``target`` nor predicted (0/0) scores 0.
+    """
+    tp = torch.bincount(target[preds == target], minlength=num_classes).double()
+    fp = torch.bincount(preds[preds != target], minlength=num_classes).double()
+    fn = torch.bincount(target[preds != target], minlength=num_classes).double()
+    denom = 2 * tp + fp + fn
+    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(denom))
+    return f1[:num_classes].float()
 
 
 def _to_cpu(tree: Any) -> Any:

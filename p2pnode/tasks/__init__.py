@@ -12,6 +12,7 @@ from p2pnode.errors import ConfigError
 from p2pnode.tasks.base import ShardSpec, Task, TaskData
 from p2pnode.tasks.digits import DigitsTask
 from p2pnode.tasks.fashion_mnist import FashionMnistTask
+from p2pnode.tasks.transfer import FashionMnistTransferTask
 from p2pnode.tasks.user import load_user_task
 
 logger = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ __all__ = ["TASKS", "ShardSpec", "Task", "TaskData", "make_task"]
 TASKS: dict[str, type[Task]] = {
     DigitsTask.name: DigitsTask,
     FashionMnistTask.name: FashionMnistTask,
+    FashionMnistTransferTask.name: FashionMnistTransferTask,
 }
 
 

@@ -28,7 +28,7 @@ import torch
 from defenses import make_aggregator
 from p2pnode.config import AttackConfig, GossipConfig, NodeConfig, TaskConfig
 from p2pnode.identity import Identity
-from p2pnode.node import Node, model_layers
+from p2pnode.node import Node, build_extension, model_layers
 from p2pnode.report import plot_accuracy
 from p2pnode.tasks import ShardSpec, make_task
 from p2pnode.trainer import LocalTrainer
@@ -119,7 +119,8 @@ def _default_factory(config: NodeConfig, identity: Identity, trainer: LocalTrain
     from p2pnode.byzantine import make_node
 
     aggregator = make_aggregator(config.gossip.defense, variance_correction=config.gossip.variance_correction)
-    return make_node(config, identity, trainer, transport, view, aggregator)
+    return make_node(config, identity, trainer, transport, view, aggregator,
+                     extension=build_extension(config, identity, trainer))
 
 
 def _shard(opts: InprocOptions, i: int) -> ShardSpec:

@@ -75,6 +75,21 @@ class GossipExtension(Protocol):
     def attach(self, peer_id: str, round: int) -> bytes | None: ...
     def receive(self, sender: str, data: bytes) -> None: ...
     def extras(self) -> dict[str, Any]: ...
+    def note_own_model(self, flat: torch.Tensor, *, round: int) -> None: ...
+
+
+def build_extension(config: NodeConfig, identity: Identity, trainer: LocalTrainer) -> GossipExtension | None:
+    """The gossip extension the configured defense needs (SybilWall's record gossip), or None.
+
+    Call it on the freshly built trainer: SybilWall measures every history from the common initial model.
+    """
+    if config.gossip.defense.partition(":")[0] != "sybilwall":
+        return None
+    from p2pnode.sybilwall import SybilWallExtension
+
+    return SybilWallExtension(identity, numel=trainer.num_params,
+                              rng=random.Random(f"{config.seed}/{identity.peer_id}/sybilwall"),
+                              base=trainer.get_flat())
 
 
 def model_layers(model: torch.nn.Module) -> list[Layer]:
@@ -262,6 +277,8 @@ class Node:
         self.round += 1
         loss = await asyncio.to_thread(self.local_training, cfg.task.local_steps)
         sent = await asyncio.to_thread(self.trainer.get_flat)
+        if self.extension is not None:
+            self.extension.note_own_model(sent, round=self.round)
         peers = self.membership.sample(cfg.gossip.fanout)
         pulled = await self.exchange(peers, sent)
         pushed = self.inbox.drain()
@@ -313,9 +330,9 @@ def _build_trainer(config: NodeConfig) -> LocalTrainer:
                         device=resolve_device(config.device), seed=config.seed * 100_003 + t.shard)
 
 
-def _build_aggregator(spec: str) -> Aggregator:
+def _build_aggregator(spec: str, variance_correction: bool) -> Aggregator:
     try:
-        return make_aggregator(spec)
+        return make_aggregator(spec, variance_correction=variance_correction)
     except ValueError as exc:
         raise ConfigError("gossip.defense", spec, str(exc)) from exc
 
@@ -337,7 +354,7 @@ class NodeRuntime:
         from p2pnode.byzantine import make_node  # here, not at the top: p2pnode.byzantine imports this module
 
         cfg = self.config
-        aggregator = _build_aggregator(cfg.gossip.defense)
+        aggregator = _build_aggregator(cfg.gossip.defense, cfg.gossip.variance_correction)
         net = cfg.network
         key_path = str(Path(net.identity).expanduser())  # noqa: ASYNC240 - no I/O, string expansion only
         identity = load_or_create_identity(Path(key_path))
@@ -357,7 +374,8 @@ class NodeRuntime:
             membership = Membership(dht, identity, swarm=net.swarm, heartbeat_s=net.heartbeat_s,
                                     ttl_s=net.record_ttl_s, unreachable_s=net.unreachable_s,
                                     dht_timeout=cfg.timeouts.dht, rng=rng)
-            node = make_node(cfg, identity, trainer, transport, membership, aggregator)
+            node = make_node(cfg, identity, trainer, transport, membership, aggregator,
+                             extension=build_extension(cfg, identity, trainer))
             await transport.start(node.serve)
             return await self._supervise(node, visible_maddrs(dht))
         finally:

@@ -37,7 +37,8 @@ def _require(cond: bool, name: str, value: object, allowed: str) -> None:
 class TaskConfig:
     """What this node learns and from which data."""
 
-    name: str = _doc("task: digits | fashion-mnist | package.module:factory", "digits")
+    name: str = _doc("task: digits | fashion-mnist | fashion-mnist-transfer | package.module:factory",
+                     "digits")
     data_dir: str | None = _doc("directory with the task's data files (default: system package path)", None)
     partition: str = _doc("how the training split is sharded: iid | dirichlet:ALPHA", "iid")
     shard: int = _doc("index of this node's shard (0-based)", 0)
@@ -116,7 +117,7 @@ class GossipConfig:
     rounds: int = _doc("rounds to run (0 = until stopped)", 0)
     fanout: int = _doc("peers sampled for a push-pull exchange each round (k)", 2)
     defense: str = _doc("merge rule NAME[:ARGS]: mean | nna:F | median | trimmed-mean:F | krum:F | "
-                        "multi-krum:F,M | centered-clip:TAU | sybilwall | bristle", "mean")
+                        "multi-krum:F,M | centered-clip:TAU | sybilwall | bristle[:ALPHA]", "mean")
     variance_correction: bool = _doc("rescale each merged layer's spread to the inputs' mean variance "
                                      "(Tian et al.; wraps any defense)", False)
     max_inbox: int = _doc("most pushed models kept between two merges (latest per peer)", 64)

@@ -28,7 +28,7 @@ import torch
 from defenses import make_aggregator
 from p2pnode.config import AttackConfig, GossipConfig, NodeConfig, TaskConfig
 from p2pnode.identity import Identity
-from p2pnode.node import Node, build_extension, model_layers
+from p2pnode.node import Node, build_extension, model_layers, validation_fraction
 from p2pnode.report import plot_accuracy
 from p2pnode.tasks import ShardSpec, make_task
 from p2pnode.trainer import LocalTrainer
@@ -138,7 +138,8 @@ def _build_trainer(opts: InprocOptions, cfg: NodeConfig, i: int) -> LocalTrainer
     t = cfg.task
     shard = _shard(opts, i).index  # Sybil identities share the attacker's shard and batch order
     return LocalTrainer(task.build_model(init_seed), data, lr=t.lr, momentum=t.momentum,
-                        batch_size=t.batch_size, device=torch.device("cpu"), seed=opts.seed * 100_003 + shard)
+                        batch_size=t.batch_size, device=torch.device("cpu"), seed=opts.seed * 100_003 + shard,
+                        val_fraction=validation_fraction(cfg))
 
 
 class InprocSwarm:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 
 from defenses import Aggregator, Layer, MergeContext, make_aggregator
+from defenses.bristle import Bristle
 from p2pnode.config import NodeConfig
 from p2pnode.errors import ConfigError, MessageRejected, P2PNodeError, PeerUnreachable, TransportClosed
 from p2pnode.identity import Identity, load_or_create_identity
@@ -172,7 +173,13 @@ class Node:
         self.extension = extension
         self.merge_state = aggregator.new_state()
         self.layers = model_layers(trainer.model)
-        self.class_f1: Any = None  # set by tasks with a local validation split (Bristle)
+        self.class_f1: Any = None
+        rule = getattr(aggregator, "inner", aggregator)  # unwrap the variance-correction post-step
+        self._bristle = rule if isinstance(rule, Bristle) else None
+        self._peer_rng = random.Random(f"{config.seed}/{identity.peer_id}/peers")
+        if self._bristle is not None:  # Bristle scores peers by per-class F1 on a local validation split
+            self.class_f1 = trainer.class_f1
+            self.merge_state.class_counts = trainer.val_class_counts
         self.fingerprint = spec_fingerprint(trainer.model)
         self.inbox = Inbox(config.gossip.max_inbox)
         self.round = 0
@@ -279,7 +286,7 @@ class Node:
         sent = await asyncio.to_thread(self.trainer.get_flat)
         if self.extension is not None:
             self.extension.note_own_model(sent, round=self.round)
-        peers = self.membership.sample(cfg.gossip.fanout)
+        peers = self._pick_peers(sent, cfg.gossip.fanout)
         pulled = await self.exchange(peers, sent)
         pushed = self.inbox.drain()
         received = {**pushed, **pulled}  # a pulled model is at least as fresh as a pushed one
@@ -293,6 +300,15 @@ class Node:
             report.test_accuracy, report.test_loss = await asyncio.to_thread(
                 self.trainer.evaluate, cfg.task.eval_samples)
         return report
+
+    def _pick_peers(self, own: torch.Tensor, k: int) -> list[MembershipRecord]:
+        """k live peers: uniformly at random, or by Bristle's distance-based prioritizer."""
+        if self._bristle is None:
+            return self.membership.sample(k)
+        live = self.membership.live()
+        chosen = set(self._bristle.select_peers(own, [p.peer_id for p in live], self.merge_state, k=k,
+                                                rng=self._peer_rng))
+        return [p for p in live if p.peer_id in chosen]
 
     def _merge_context(self) -> MergeContext:
         extras = self.extension.extras() if self.extension is not None else {}
@@ -327,7 +343,13 @@ def _build_trainer(config: NodeConfig) -> LocalTrainer:
     data = task.load(ShardSpec(index=t.shard, count=t.num_shards, partition=t.partition, seed=config.seed))
     model = task.build_model(config.seed)  # one seed for the swarm: every node starts from the same weights
     return LocalTrainer(model, data, lr=t.lr, momentum=t.momentum, batch_size=t.batch_size,
-                        device=resolve_device(config.device), seed=config.seed * 100_003 + t.shard)
+                        device=resolve_device(config.device), seed=config.seed * 100_003 + t.shard,
+                        val_fraction=validation_fraction(config))
+
+
+def validation_fraction(config: NodeConfig) -> float:
+    """Share of the shard held out for local validation: Bristle needs one, other defenses do not."""
+    return 0.1 if config.gossip.defense.partition(":")[0] == Bristle.name else 0.0
 
 
 def _build_aggregator(spec: str, variance_correction: bool) -> Aggregator:

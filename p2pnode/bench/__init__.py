@@ -1,0 +1,1 @@
+"""Benchmarks behind ``p2pnode bench …``; their figures go into BENCHMARKS.md."""

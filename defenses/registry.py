@@ -8,11 +8,13 @@ Specs: ``mean``, ``median``, ``trimmed-mean:F``, ``krum:F``, ``multi-krum:F,M``,
 from __future__ import annotations
 
 from defenses.base import Aggregator
+from defenses.bristle import Bristle
 from defenses.centered_clip import CenteredClip
 from defenses.krum import Krum, MultiKrum
 from defenses.mean import Mean
 from defenses.median import Median
 from defenses.nna import NNA
+from defenses.sybilwall import SybilWall
 from defenses.trimmed_mean import TrimmedMean
 from defenses.variance import VarianceCorrected
 
@@ -24,6 +26,8 @@ AGGREGATORS: dict[str, type[Aggregator]] = {
     MultiKrum.name: MultiKrum,
     CenteredClip.name: CenteredClip,
     NNA.name: NNA,
+    SybilWall.name: SybilWall,
+    Bristle.name: Bristle,
 }
 
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 
 def _csv(kind: type) -> Any:
+    """Comma-separated values; a comma before a digit stays inside a spec (``multi-krum:2,4``)."""
     def parse(text: str) -> tuple[Any, ...]:
         try:
-            return tuple(kind(x) for x in text.split(",") if x)
+            parts = re.split(r",(?=[A-Za-z])", text) if kind is str else text.split(",")
+            return tuple(kind(x) for x in parts if x)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected comma-separated {kind.__name__} values, got {text!r}") from None

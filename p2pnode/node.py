@@ -292,14 +292,27 @@ class Node:
         received = {**pushed, **pulled}  # a pulled model is at least as fresh as a pushed one
         self.observe(received)
         if received:
-            merged = await asyncio.to_thread(self.aggregator.aggregate, sent, received, self._merge_context())
-            await asyncio.to_thread(self.trainer.add_flat_, merged - sent)
+            await self._merge(sent, received)
         report = RoundReport(round=self.round, train_loss=loss, peers_in_view=len(self.membership.live()),
                              pulled=len(pulled), pushed_to_us=len(pushed))
         if self.round % cfg.task.eval_every == 0:
             report.test_accuracy, report.test_loss = await asyncio.to_thread(
                 self.trainer.evaluate, cfg.task.eval_samples)
         return report
+
+    async def _merge(self, sent: torch.Tensor, received: dict[str, torch.Tensor]) -> None:
+        """Merge through the defense and apply the result as a delta (progress made meanwhile is kept).
+
+        A rule whose precondition this round's inputs do not meet (e.g. Krum with n <= 2F + 2 because few
+        peers answered) raises ValueError: the node then keeps its own model for this round.
+        """
+        try:
+            merged = await asyncio.to_thread(self.aggregator.aggregate, sent, received, self._merge_context())
+        except ValueError as exc:
+            logger.warning("round %d: kept own model, %s cannot merge %d inputs: %s", self.round,
+                           self.config.gossip.defense, len(received) + 1, exc)
+            return
+        await asyncio.to_thread(self.trainer.add_flat_, merged - sent)
 
     def _pick_peers(self, own: torch.Tensor, k: int) -> list[MembershipRecord]:
         """k live peers: uniformly at random, or by Bristle's distance-based prioritizer."""

@@ -40,9 +40,9 @@ class RobustnessOptions:
     honest: int = 16
     byzantine: int = 4
     rounds: int = 20
-    fanout: int = 4
+    fanout: int = 6
     local_steps: int = 20
-    f: int = 2  # F for the rules that take it (per merge, over own + received models)
+    f: int = 3  # F for the rules that take it (per merge, over own + received models)
     multi_krum_m: int = 4
     partition: str = "dirichlet:1"
     task: str = "fashion-mnist"
@@ -89,7 +89,14 @@ def _targeted_success(swarm: Any, src: int = 0, dst: int = 1) -> dict[str, Any]:
 
 
 def run_cell(cell: dict[str, Any], opts_dict: dict[str, Any]) -> dict[str, Any]:
-    """Run one cell in this process; returns the cell with its figures."""
+    """Run one cell in this process; returns the cell with its figures, or with ``error`` if it failed."""
+    try:
+        return _run_cell(cell, opts_dict)
+    except Exception as exc:  # one broken cell must not lose the others; it is reported, not hidden
+        return {**cell, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _run_cell(cell: dict[str, Any], opts_dict: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from p2pnode.inproc import InprocOptions, run_inproc
@@ -141,6 +148,8 @@ def run_robustness(opts: RobustnessOptions, *,
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
                 row = fut.result()
+                if "error" in row:
+                    logger.error("cell %s failed: %s", _key(row), row["error"])
                 data["cells"].append(row)
                 _save(opts.json_path, data)
                 if on_cell is not None:

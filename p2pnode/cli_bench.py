@@ -76,6 +76,22 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--json", type=Path, default=v.json_path, help=f"results file (default {v.json_path})")
     p.add_argument("--plot", type=Path, default=v.plot_path, help=f"plot (default {v.plot_path})")
 
+    from p2pnode.bench.bristle import BristleOptions
+
+    b = BristleOptions()
+    p = which.add_parser("bristle", allow_abbrev=False, help="Bristle vs mean under label flipping",
+                         description="fashion-mnist-transfer, non-IID Dirichlet split, some nodes flip every "
+                                     "label: honest accuracy with and without the attackers, per defense.")
+    p.add_argument("--nodes", type=int, default=b.nodes, help=f"nodes (default {b.nodes})")
+    p.add_argument("--byzantine", type=int, default=b.byzantine,
+                   help=f"label flippers (default {b.byzantine})")
+    p.add_argument("--rounds", type=int, default=b.rounds, help=f"rounds (default {b.rounds})")
+    p.add_argument("--fanout", type=int, default=b.fanout,
+                   help=f"peers per round = Bristle's K (default {b.fanout})")
+    p.add_argument("--partition", default=b.partition, help=f"partition (default {b.partition})")
+    p.add_argument("--defenses", type=_csv(str), default=b.defenses, help="defenses (default bristle,mean)")
+    p.add_argument("--json", type=Path, default=b.json_path, help=f"results file (default {b.json_path})")
+
     p = which.add_parser("defenses", allow_abbrev=False, help="time every merge rule against byzfl",
                          description="Time each rule at n inputs and each d, on CPU (and CUDA when present), "
                                      "with byzfl's equivalents in the same run.")
@@ -111,6 +127,17 @@ def cmd_bench(ns: argparse.Namespace) -> int:
             target=ns.target, seeds=ns.seeds, json_path=ns.json, plot_path=ns.plot))
         print(f"median rounds to {ns.target}: mean {result['median_rounds_mean']}, corrected "
               f"{result['median_rounds_corrected']} (ratio {result['ratio']:.2f}); results: {ns.json}")
+        return 0
+    if ns.bench == "bristle":
+        from p2pnode.bench.bristle import BristleOptions, run_bristle_bench
+
+        res = run_bristle_bench(BristleOptions(nodes=ns.nodes, byzantine=ns.byzantine, rounds=ns.rounds,
+                                               fanout=ns.fanout, partition=ns.partition, defenses=ns.defenses,
+                                               json_path=ns.json))
+        for row in res["rows"]:
+            print(json.dumps(row))
+        ratios = json.dumps(res["attack_over_no_attack"])
+        print(f"accuracy under attack / without: {ratios}; results: {ns.json}")
         return 0
     from p2pnode.bench.defenses import run_defense_bench
 

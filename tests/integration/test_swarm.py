@@ -150,3 +150,23 @@ def test_sigterm_stops_a_running_node_within_five_seconds(tmp_path: Path) -> Non
         _stop(proc)
     assert code == 0
     assert elapsed < 5.0, f"shutdown took {elapsed:.1f} s"
+
+
+@pytest.mark.timeout(400)
+def test_a_sign_flipping_node_in_a_real_swarm_hurts_mean_and_nna_resists_it(tmp_path: Path) -> None:
+    def run(defense: str) -> dict:
+        out = tmp_path / defense.replace(":", "-")
+        proc = subprocess.run([*P2PNODE, "swarm", "--nodes", "4", "--task", "digits", "--rounds", "10",
+                               "--byzantine", "1", "--attack", "sign-flip", "--defense", defense,
+                               "--out", str(out), "--linger-s", "5", "--no-live"],
+                              env=ENV, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((out / "summary.json").read_text())
+
+    robust, plain = run("nna:1"), run("mean")
+
+    for summary in (robust, plain):
+        assert [n["role"] for n in summary["nodes"]] == ["honest"] * 3 + ["byzantine"]
+        assert summary["nodes"][3]["bytes_sent"] >= 10 * DIGITS_MODEL_BYTES, "the attacker took part"
+    assert robust["honest_accuracy_min"] >= 0.85, robust
+    assert plain["honest_accuracy_mean"] < robust["honest_accuracy_mean"] - 0.05, (plain, robust)

@@ -20,7 +20,6 @@ import torch
 
 from defenses.args import parse_int, parse_positive_float, split_args
 from defenses.base import Aggregator, MergeContext, stack_inputs
-from defenses.distances import sq_distances_to
 
 DEFAULT_ITERATIONS = 3
 
@@ -53,7 +52,8 @@ def centered_clip_rule(stacked: torch.Tensor, tau: float,
     n = stacked.shape[0]
     v = stacked[0].clone()  # (d,)
     for _ in range(iterations):
-        norms = sq_distances_to(stacked, v).sqrt_()  # (n,) ‖x_i − v‖
+        # ‖x_i − v‖ in one pass, without an (n, d) difference tensor
+        norms = torch.cdist(stacked, v[None], compute_mode="donot_use_mm_for_euclid_dist")[:, 0]  # (n,)
         weights = torch.clamp(tau / norms, max=1.0).div_(n)  # (n,); norm 0 → inf → 1/n
         # v + Σ w_i (x_i − v) = Σ w_i x_i + (1 − Σ w_i) v
         v = (weights @ stacked).add_(v, alpha=float(1.0 - weights.sum()))  # (d,)

@@ -7,9 +7,9 @@ with the smallest score; Multi-Krum averages the ``M`` inputs with the smallest 
 ``n > 2F + 2`` (the paper's condition). Ties go to the lower row, so own wins a tie.
 
 Pairwise distances come from the Gram matrix of the inputs centred on own:
-``‖x_i − x_j‖² = G_ii + G_jj − 2 G_ij`` with ``G = (X − x_0)(X − x_0)ᵀ`` — one pass of matrix
-products over ``d`` instead of ``n²`` difference passes, and centring on own keeps the cancellation
-error at the scale of the models' spread around own rather than of their norms.
+``‖x_i − x_j‖² = G_ii + G_jj − 2 G_ij`` with ``G = (X − x_0)(X − x_0)ᵀ`` — one matrix product
+instead of ``n²`` difference passes over ``d``, and centring on own keeps the cancellation error at
+the scale of the models' spread around own rather than of their norms.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 
 from defenses.args import parse_int, split_args
 from defenses.base import Aggregator, MergeContext, stack_inputs
-from defenses.distances import centred_gram
 
 
 def _check_krum(n: int, f: int) -> None:
@@ -32,7 +31,8 @@ def _check_krum(n: int, f: int) -> None:
 
 def squared_distances(stacked: torch.Tensor) -> torch.Tensor:
     """Pairwise squared L2 distances between the rows of ``stacked`` ``(n, d)``; returns ``(n, n)``."""
-    gram = centred_gram(stacked, stacked[0])  # (n, n), around own
+    centred = stacked - stacked[0]  # (n, d); row 0 becomes 0
+    gram = centred @ centred.T  # (n, n)
     norms = gram.diagonal()  # (n,)
     dist = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min_(0)  # (n, n)
     return dist.fill_diagonal_(0)

@@ -27,7 +27,6 @@ import torch
 
 from defenses.args import parse_int, split_args
 from defenses.base import Aggregator, MergeContext, stack_inputs
-from defenses.distances import sq_distances_to
 
 
 def nna_rule(stacked: torch.Tensor, f: int) -> torch.Tensor:
@@ -57,7 +56,7 @@ def nna_rule(stacked: torch.Tensor, f: int) -> torch.Tensor:
     if keep_received == 0:
         return stacked[0].clone()
     own = stacked[0]
-    dist = sq_distances_to(stacked[1:], own)  # (n − 1,), squared: same order
+    dist = torch.cdist(stacked[1:], own[None], compute_mode="donot_use_mm_for_euclid_dist")[:, 0]  # (n − 1,)
     nearest = torch.topk(dist, keep_received, largest=False, sorted=False).indices + 1  # (n − f − 1,)
     weights = torch.zeros(n, dtype=stacked.dtype, device=stacked.device)  # (n,)
     weights[0] = 1.0

@@ -23,11 +23,11 @@ import torch
 
 Comparator = tuple[int, int]
 
-# Columns per chunk on CPU: n rows × 64 KiB stay in L2 cache, and each min/max stays below torch's
-# intra-op grain (32768 elements), so it never waits on a thread pool: measured 8× faster on a
-# 2-vCPU machine under load than 32768-column chunks, and no slower when idle.
+# Columns per chunk on CPU: n rows × 64 KiB stay in L2 cache. Every operation below works on one
+# row of a chunk, fewer elements than torch's intra-op grain (32768), so none of them enters the
+# thread pool: hundreds of small parallel regions per call stall for whole scheduler slices when
+# another process holds a core (measured 10-100× slower on a busy 2-vCPU machine).
 CPU_CHUNK = 16_384
-
 
 @lru_cache(maxsize=256)
 def batcher_network(n: int) -> tuple[Comparator, ...]:
@@ -61,16 +61,13 @@ def pruned_network(n: int, outputs: frozenset[int]) -> tuple[Comparator, ...]:
     return tuple(reversed(kept))
 
 
-def _run_network(block: torch.Tensor, comparators: Sequence[Comparator]) -> list[torch.Tensor]:
-    """Apply ``comparators`` to the rows of ``block`` (``(n, c)``, modified in place); return the wires."""
-    wires = list(block.unbind(0))  # n × (c,)
-    spare = torch.empty_like(wires[0])
+def _run_network(wires: list[torch.Tensor], spare: torch.Tensor, comparators: Sequence[Comparator]) -> None:
+    """Apply ``comparators`` to ``wires`` (each ``(c,)``; the list and the buffers are modified)."""
     for a, b in comparators:
         wa, wb = wires[a], wires[b]
         torch.minimum(wa, wb, out=spare)
         torch.maximum(wa, wb, out=wb)
         wires[a], spare = spare, wa
-    return wires
 
 
 def reduce_order_statistics(stacked: torch.Tensor, outputs: frozenset[int],
@@ -94,8 +91,12 @@ def reduce_order_statistics(stacked: torch.Tensor, outputs: frozenset[int],
     n, d = stacked.shape
     comparators = pruned_network(n, outputs)
     out = torch.empty(d, dtype=stacked.dtype, device=stacked.device)  # (d,)
-    chunk = CPU_CHUNK if stacked.device.type == "cpu" else max(d, 1)
+    chunk = max(1, min(CPU_CHUNK, d) if stacked.device.type == "cpu" else d)
+    rows = list(torch.empty(n + 1, chunk, dtype=stacked.dtype, device=stacked.device))  # scratch
     for start in range(0, d, chunk):
-        block = stacked[:, start : start + chunk].clone()  # (n, c), contiguous scratch
-        out[start : start + chunk] = reduce(_run_network(block, comparators))
+        width = min(chunk, d - start)
+        views = [row[:width] for row in rows]  # (n + 1) × (width,)
+        wires = [views[i].copy_(stacked[i, start : start + width]) for i in range(n)]
+        _run_network(wires, views[n], comparators)
+        out[start : start + width] = reduce(wires)
     return out

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import random
 import signal
 import sys
@@ -394,8 +395,10 @@ class NodeRuntime:
         key_path = str(Path(net.identity).expanduser())  # noqa: ASYNC240 - no I/O, string expansion only
         identity = load_or_create_identity(Path(key_path))
         trainer = await asyncio.to_thread(_build_trainer, cfg)
-        dht = await asyncio.to_thread(
-            create_dht, key_path, swarm=net.swarm, initial_peers=net.initial_peers,
+        # On this (the main) thread, not a worker: the DHT's forked child is told to die with the thread
+        # that forked it (see _die_with_parent), so a SIGKILLed node leaves no orphan DHT process behind.
+        dht = create_dht(  # blocks the loop ~1 s at start-up, before anything is served
+            key_path, swarm=net.swarm, initial_peers=net.initial_peers,
             host_maddrs=net.host_maddrs, announce_maddrs=net.announce_maddrs,
             wait_timeout=cfg.timeouts.dht * 3)
         transport: P2PTransport | None = None
@@ -470,9 +473,27 @@ class NodeRuntime:
             write_json_atomic(cfg.output.ready_file, {"peer_id": node.identity.peer_id, "maddrs": maddrs})
 
 
+def _die_with_parent() -> None:
+    """In a forked child (hivemind's DHT process): die by SIGTERM when the parent dies.
+
+    The child inherits the parent's SIGTERM handler (the event loop's, which would only poke the
+    parent's loop), so it is reset to the default first; then Linux is asked to send SIGTERM when the
+    forking thread (the main thread) exits, e.g. when the node is SIGKILLed.
+    """
+    with contextlib.suppress(ValueError):  # only possible when the fork happened off the main thread
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError, ctypes.ArgumentError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+
 def run_node(config: NodeConfig) -> int:
     """Run one node until its rounds and linger are over, or SIGINT/SIGTERM; return the exit code."""
     limit_threads(config.threads)
+    os.register_at_fork(after_in_child=_die_with_parent)
     runtime = NodeRuntime(config)
 
     async def main() -> int:

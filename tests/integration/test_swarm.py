@@ -21,6 +21,27 @@ DIGITS_MODEL_BYTES = (64 * 64 + 64 + 64 * 10 + 10) * 4  # the digits MLP as fp32
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -120,6 +141,8 @@ def test_sigkill_of_one_node_leaves_the_other_three_finishing_rounds(tmp_path: P
             assert time.monotonic() < deadline, "node 3 never reached round 5"
             time.sleep(0.1)
         victim = swarm.processes[3]
+        orphans = _children(victim.pid)  # its hivemind DHT process (which owns the p2pd daemon)
+        assert orphans, "expected the node to have a DHT child process"
         os.kill(victim.pid, signal.SIGKILL)
         killed_at = {p.node: p.round for p in swarm.poll_progress()}
 
@@ -128,6 +151,7 @@ def test_sigkill_of_one_node_leaves_the_other_three_finishing_rounds(tmp_path: P
 
     assert victim.returncode == -signal.SIGKILL
     assert progress[3].failed
+    assert not [pid for pid in orphans if _alive(pid)], "the killed node left its DHT process running"
     for p in progress[:3]:
         assert p.finished, p
         assert p.round == 40, p

@@ -132,6 +132,10 @@ class ByzantineNode(Node):
             return 0.0
         return self.trainer.train_steps(steps)
 
+    async def _merge(self, sent: torch.Tensor, received: dict[str, torch.Tensor]) -> None:
+        """An attacker never adopts honest models: it keeps training on its own (poisoned) data, which
+        makes data-poisoning attacks (label flips, backdoor, Sybils) as strong as they can be."""
+
     def observe(self, received: dict[str, torch.Tensor]) -> None:
         """Keep the models of the last round that received any (at most ``gossip.max_inbox``)."""
         if received:

@@ -98,6 +98,8 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--n", type=int, default=16, help="inputs per merge (default 16)")
     p.add_argument("--dims", type=_csv(int), default=(1_000_000, 25_600_000), help="vector lengths")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per rule (median reported)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads during the run (default 1: stable on a shared machine)")
     p.add_argument("--json", type=Path, default=Path("runs/bench-defenses.json"), help="results file")
 
 
@@ -141,6 +143,6 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         return 0
     from p2pnode.bench.defenses import run_defense_bench
 
-    run_defense_bench(n=ns.n, dims=ns.dims, repeats=ns.repeats, json_path=ns.json)
+    run_defense_bench(n=ns.n, dims=ns.dims, repeats=ns.repeats, json_path=ns.json, threads=ns.threads)
     print(f"results: {ns.json}")
     return 0

@@ -47,6 +47,8 @@ class TaskConfig:
     lr: float = _doc("local SGD learning rate", 0.05)
     momentum: float = _doc("local SGD momentum", 0.9)
     local_steps: int = _doc("local SGD steps between two gossip exchanges (H)", 20)
+    polyak: bool = _doc("Polyak momentum m = βm + (1−β)g (MoNNA) instead of heavy-ball m = βm + g", False)
+    lr_tau: float = _doc("learning-rate decay lr / (1 + step/τ) as in MoNNA (0 = constant)", 0.0)
     eval_every: int = _doc("evaluate on the held-out test split every this many rounds", 1)
     eval_samples: int = _doc("test samples used for per-round evaluation (the final one uses all)", 2000)
 
@@ -64,6 +66,7 @@ class TaskConfig:
         _require(self.lr > 0, "task.lr", self.lr, "float > 0")
         _require(0 <= self.momentum < 1, "task.momentum", self.momentum, "0 <= momentum < 1")
         _require(self.local_steps >= 1, "task.local_steps", self.local_steps, "integer >= 1")
+        _require(self.lr_tau >= 0, "task.lr_tau", self.lr_tau, "float >= 0 (0 = constant)")
         _require(self.eval_every >= 1, "task.eval_every", self.eval_every, "integer >= 1")
         _require(self.eval_samples >= 1, "task.eval_samples", self.eval_samples, "integer >= 1")
 

@@ -159,6 +159,8 @@ class LocalTrainer:
         device: torch.device,
         seed: int,
         val_fraction: float = 0.0,
+        polyak: bool = False,
+        lr_tau: float = 0.0,
     ) -> None:
         if len(data.train_y) == 0:
             raise TaskError("this node's training shard is empty; use fewer shards or another partition")
@@ -182,7 +184,10 @@ class LocalTrainer:
         self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
         self.test_x, self.test_y = data.test_x.to(device), data.test_y.to(device)
         self.batch_size = min(batch_size, len(self.train_y))
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum)
+        # polyak: m ← βm + (1−β)g (MoNNA's momentum; torch's dampening=β); otherwise heavy-ball m ← βm + g
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum,
+                                         dampening=momentum if polyak else 0.0)
+        self.base_lr, self.lr_tau = lr, lr_tau
         self._generator = torch.Generator().manual_seed(seed % 2**64)
         self._perm = torch.empty(0, dtype=torch.int64, device=device)
         self._cursor = 0
@@ -205,6 +210,9 @@ class LocalTrainer:
         total = torch.zeros((), device=self.device)
         for _ in range(n):
             idx = self._next_batch()
+            if self.lr_tau > 0:  # MoNNA's schedule γ_t = γ0 / (1 + t/τ), t = SGD steps so far
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.base_lr / (1.0 + self.steps_done / self.lr_tau)
             with self._lock:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(self.model(self.train_x[idx]), self.train_y[idx])

@@ -221,3 +221,30 @@ def test_empty_shard_is_task_error(digits_data: TaskData) -> None:
     empty = TaskData(d.train_x[:0], d.train_y[:0], d.test_x, d.test_y, d.num_classes)
     with pytest.raises(TaskError, match="empty"):
         _trainer(empty)
+
+
+# ---------------------------------------------------------------- MoNNA's momentum and schedule
+
+
+def test_lr_tau_decays_the_learning_rate_as_lr_over_one_plus_t_over_tau(digits_data: TaskData) -> None:
+    trainer = LocalTrainer(DigitsTask().build_model(0), digits_data, lr=0.08, momentum=0.9, batch_size=16,
+                           device=CPU, seed=0, lr_tau=10.0)
+
+    trainer.train_steps(11)  # the 11th step runs with t = 10 steps done
+
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.08 / 2)
+
+
+def test_polyak_momentum_is_an_average_of_gradients_not_a_sum(digits_data: TaskData) -> None:
+    heavy = LocalTrainer(DigitsTask().build_model(0), digits_data, lr=0.05, momentum=0.9, batch_size=16,
+                         device=CPU, seed=0)
+    polyak = LocalTrainer(DigitsTask().build_model(0), digits_data, lr=0.05, momentum=0.9, batch_size=16,
+                          device=CPU, seed=0, polyak=True)
+
+    heavy.train_steps(2)
+    polyak.train_steps(2)
+
+    # same batches and start: the damped (Polyak) buffer weighs the second gradient by 0.1, not 1
+    assert polyak.optimizer.param_groups[0]["dampening"] == 0.9
+    assert heavy.optimizer.param_groups[0]["dampening"] == 0.0
+    assert not torch.equal(heavy.get_flat(), polyak.get_flat())

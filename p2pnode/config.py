@@ -143,10 +143,6 @@ class AttackConfig:
 
     name: str = _doc("attack NAME[:ARGS] (sign-flip, gaussian, alie, ipm, label-flip, targeted-label-flip, "
                      "backdoor, sybil, free-rider); empty = honest", "")
-    sybils: int = _doc("identities this attacker runs (sybil attack only)", 1)
-
-    def __post_init__(self) -> None:
-        _require(self.sybils >= 1, "attack.sybils", self.sybils, "integer >= 1")
 
 
 @dataclass(kw_only=True, slots=True)

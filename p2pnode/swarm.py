@@ -87,6 +87,8 @@ class SwarmOptions:
     defense: str = _doc("merge rule of every node, NAME[:ARGS] (see `p2pnode run --help`)", "mean")
     byzantine: int = _doc("how many nodes (the last ones) run --attack; test and benchmark only", 0)
     attack: str = _doc("attack NAME[:ARGS] of the Byzantine nodes (see `p2pnode run --help`)", "")
+    sybils: int = _doc("with --attack sybil: one attacker running this many identities (node processes "
+                       "with their own keys, all on the attacker's one shard); replaces --byzantine", 0)
     device: str = _doc("where nodes train: auto | cpu | cuda | cuda:N", "cpu")
     out: Path = _doc("output directory (keys/, logs/, nodes/, summary.json, metrics.jsonl, accuracy.png)",
                      default_factory=_default_out)
@@ -107,7 +109,7 @@ class SwarmOptions:
         if self.round_timeout_s is None and isinstance(self.rounds, int):
             self.round_timeout_s = 60.0 + 30.0 * self.rounds
         for name, low in (("nodes", 1), ("rounds", 1), ("seed", 0), ("fanout", 0), ("local_steps", 1),
-                          ("byzantine", 0)):
+                          ("byzantine", 0), ("sybils", 0)):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"swarm.{name}",
                      value, f"integer >= {low}")
@@ -125,6 +127,11 @@ class SwarmOptions:
             secs = getattr(self, name)
             ok = isinstance(secs, int | float) and (secs >= 0 if zero_ok else secs > 0)
             _require(ok, f"swarm.{name}", secs, "seconds >= 0" if zero_ok else "seconds > 0")
+        if self.sybils:
+            ok = self.attack.startswith("sybil") and self.byzantine in (0, self.sybils)
+            _require(ok, "swarm.sybils", self.sybils,
+                     "a count > 0 together with --attack sybil[:ARGS] (and no other --byzantine)")
+            self.byzantine = self.sybils
         _require(self.byzantine < self.nodes, "swarm.byzantine", self.byzantine,
                  f"0 <= byzantine < nodes ({self.nodes})")
         _require(self.byzantine == 0 or bool(self.attack), "swarm.attack", self.attack,
@@ -241,7 +248,10 @@ class Swarm:
 
     def _command(self, i: int) -> list[str]:
         o, p = self.opts, self.node_paths(i)
-        cmd = [*self.node_command, "--task", o.task, "--rounds", str(o.rounds), "--shard", f"{i}/{o.nodes}",
+        honest = o.nodes - o.byzantine
+        # Sybil identities are one attacker: they all train on the attacker's single shard
+        shard = f"{min(i, honest)}/{honest + 1}" if o.sybils else f"{i}/{o.nodes}"
+        cmd = [*self.node_command, "--task", o.task, "--rounds", str(o.rounds), "--shard", shard,
                "--partition", o.partition, "--seed", str(o.seed), "--identity", str(p.key),
                "--swarm", str(o.swarm), "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
         if i > 0:

@@ -309,3 +309,21 @@ def test_interrupting_run_swarm_stops_all_nodes(tmp_path: Path, fake_node: list[
     assert proc.returncode == 130, err.decode()
     assert all(_gone(pid) for pid in pids)
     assert json.loads((out / "summary.json").read_text())["all_finished"] is False
+
+
+def test_sybil_identities_share_the_attackers_shard_and_run_the_attack(tmp_path: Path) -> None:
+    opts = SwarmOptions(nodes=5, rounds=1, task="digits", out=tmp_path, attack="sybil", sybils=2)
+    swarm = Swarm(opts)
+    swarm._bootstrap_maddr = "/ip4/127.0.0.1/tcp/1/p2p/x"
+
+    commands = [swarm._command(i) for i in range(5)]
+
+    shards = [cmd[cmd.index("--shard") + 1] for cmd in commands]
+    assert shards == ["0/4", "1/4", "2/4", "3/4", "3/4"]
+    assert ["--attack" in cmd for cmd in commands] == [False, False, False, True, True]
+    assert opts.byzantine == 2
+
+
+def test_sybils_without_the_sybil_attack_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="swarm.sybils"):
+        SwarmOptions(nodes=5, rounds=1, out=tmp_path, attack="sign-flip", sybils=2)

@@ -1,0 +1,56 @@
+"""The in-process swarm runner and the robustness benchmark's cells, on the small digits task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from p2pnode.bench.robustness import RobustnessOptions, run_cell
+from p2pnode.bench.variance import rounds_to_target
+from p2pnode.inproc import InprocOptions, run_inproc
+
+SUMMARY_NODE_KEYS = {"peer_id", "role", "rounds", "test_accuracy", "test_loss", "bytes_sent",
+                     "bytes_received", "messages_rejected"}
+
+
+def test_inproc_swarm_learns_and_writes_the_summary_contract(tmp_path: Path) -> None:
+    summary = run_inproc(InprocOptions(nodes=4, task="digits", rounds=6, out=tmp_path))
+
+    assert summary["honest_accuracy_min"] >= 0.8
+    assert len(summary["nodes"]) == 4
+    for node in summary["nodes"]:
+        assert set(node) >= SUMMARY_NODE_KEYS
+        assert node["rounds"] == 6
+        assert node["bytes_sent"] > 6 * 4810 * 4, "every round pushes at least one full model"
+    assert (tmp_path / "summary.json").exists()
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+def test_byzantine_nodes_are_the_last_ones_and_are_reported_as_such() -> None:
+    summary = run_inproc(InprocOptions(nodes=4, byzantine=1, attack="sign-flip", task="digits", rounds=2))
+
+    assert [n["role"] for n in summary["nodes"]] == ["honest"] * 3 + ["byzantine"]
+
+
+def test_a_sybil_cell_reports_targeted_attack_success() -> None:
+    opts = RobustnessOptions(honest=4, rounds=2, fanout=2, f=1, task="digits", partition="iid")
+    cell = {"table": "sybil", "attack": "sybil", "sybils": 2, "defense": "mean"}
+
+    row = run_cell(cell, {k: getattr(opts, k) for k in opts.__dataclass_fields__})
+
+    assert "error" not in row, row
+    assert 0.0 <= row["targeted_success_mean"] <= row["targeted_success_max"] <= 1.0
+    assert row["honest_accuracy_mean"] > 0.3
+
+
+def test_a_failing_cell_is_recorded_with_its_error_not_raised() -> None:
+    opts = RobustnessOptions(honest=4, rounds=1, task="digits")
+    row = run_cell({"table": "matrix", "attack": "no-such-attack", "defense": "mean"},
+                   {k: getattr(opts, k) for k in opts.__dataclass_fields__})
+    assert "no-such-attack" in row["error"]
+
+
+@pytest.mark.parametrize(("curve", "expected"), [([0.1, 0.5, 0.8, 0.9], 3), ([0.1, 0.2], None), ([0.95], 1)])
+def test_rounds_to_target(curve: list[float], expected: int | None) -> None:
+    assert rounds_to_target(curve, 0.8) == expected

@@ -185,6 +185,8 @@ class Node:
         self.inbox = Inbox(config.gossip.max_inbox)
         self.round = 0
         self.messages_rejected = 0
+        self.local_divergences = 0
+        self._last_good = trainer.get_flat()
         self._seq = itertools.count(1)
         self._push_guard = ReplayGuard()
         self._pull_guard = ReplayGuard()
@@ -285,6 +287,9 @@ class Node:
         self.round += 1
         loss = await asyncio.to_thread(self.local_training, cfg.task.local_steps)
         sent = await asyncio.to_thread(self.trainer.get_flat)
+        if not torch.isfinite(sent).all():
+            sent = await self._recover_from_divergence(loss)
+        self._last_good = sent
         if self.extension is not None:
             self.extension.note_own_model(sent, round=self.round)
         peers = self._pick_peers(sent, cfg.gossip.fanout)
@@ -300,6 +305,19 @@ class Node:
             report.test_accuracy, report.test_loss = await asyncio.to_thread(
                 self.trainer.evaluate, cfg.task.eval_samples)
         return report
+
+    async def _recover_from_divergence(self, loss: float) -> torch.Tensor:
+        """Local SGD produced NaN/Inf: go back to the last finite model and drop the momentum buffers.
+
+        Without this, one diverged step leaves the node useless for good: its messages are rejected
+        (non-finite payloads) and every later merge refuses its non-finite own input.
+        """
+        self.local_divergences += 1
+        logger.error("round %d: local training diverged (loss %s); restoring the last finite model",
+                     self.round, loss)
+        await asyncio.to_thread(self.trainer.set_flat_, self._last_good)
+        await asyncio.to_thread(self.trainer.reset_momentum)
+        return self._last_good.clone()
 
     async def _merge(self, sent: torch.Tensor, received: dict[str, torch.Tensor]) -> None:
         """Merge through the defense and apply the result as a delta (progress made meanwhile is kept).
@@ -333,7 +351,8 @@ class Node:
         stats = self.transport.stats
         return {"peer_id": self.identity.peer_id, "role": self.role, "bytes_sent": stats.bytes_sent,
                 "bytes_received": stats.bytes_received,
-                "messages_rejected": self.messages_rejected + self.membership.rejected}
+                "messages_rejected": self.messages_rejected + self.membership.rejected,
+                "local_divergences": self.local_divergences}
 
     async def run_rounds(self, metrics: MetricsWriter) -> dict[str, Any]:
         """Run the configured number of rounds (forever if 0); return the final evaluation."""

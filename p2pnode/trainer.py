@@ -288,6 +288,11 @@ class LocalTrainer:
         with self._lock:
             _apply_flat(self.model, delta, add=True)
 
+    def reset_momentum(self) -> None:
+        """Forget the optimizer's momentum buffers (after restoring weights that did not produce them)."""
+        with self._lock:
+            self.optimizer.state.clear()
+
     def state_dict(self) -> dict[str, Any]:
         """Return a detached CPU snapshot of model, optimizer, sampler and step count."""
         with self._lock:

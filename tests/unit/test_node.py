@@ -160,3 +160,25 @@ def test_an_unreachable_peer_is_marked_and_the_round_still_completes() -> None:
         assert a.membership.unreachable == [b.identity.peer_id]  # type: ignore[attr-defined]
 
     asyncio.run(scenario())
+
+
+def test_a_node_whose_local_training_diverges_restores_its_last_finite_model() -> None:
+    async def scenario() -> None:
+        a, b = await _pair()
+        await a.run_round()
+        good = a.trainer.get_flat()
+
+        def diverge(steps: int) -> float:
+            a.trainer.set_flat_(torch.full_like(good, float("nan")))
+            return float("nan")
+
+        a.local_training = diverge  # type: ignore[method-assign]
+        report = await a.run_round()
+
+        assert a.local_divergences == 1
+        assert torch.isfinite(a.trainer.get_flat()).all()
+        assert report.pulled == 1, "the node kept exchanging"
+        assert b.messages_rejected == 0, "it never sent the non-finite model"
+        assert not a.trainer.optimizer.state, "momentum buffers were dropped"
+
+    asyncio.run(scenario())

@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(kw_only=True, slots=True)
 class VarianceOptions:
-    nodes: int = 16
-    rounds: int = 30
+    nodes: int = 8
+    rounds: int = 25
     fanout: int = 2
     local_steps: int = 20
     task: str = "fashion-mnist"

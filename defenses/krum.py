@@ -22,6 +22,7 @@ import torch
 
 from defenses.args import parse_int, split_args
 from defenses.base import Aggregator, MergeContext, stack_inputs
+from defenses.frule import FRule
 
 
 def _check_krum(n: int, f: int) -> None:
@@ -111,29 +112,14 @@ def multi_krum_rule(stacked: torch.Tensor, f: int, m: int) -> torch.Tensor:
     return weights @ stacked  # (d,)
 
 
-@dataclass(frozen=True, slots=True)
-class Krum(Aggregator):
+class Krum(FRule):
     """Krum over own and received models (see :func:`krum_rule`); nothing received → a copy of own."""
 
     name = "krum"
     form: ClassVar[str] = "krum:F with integer F >= 0"
 
-    f: int
-
-    def __post_init__(self) -> None:
-        if self.f < 0:
-            raise ValueError(f"bad F={self.f}: expected {self.form}")
-
-    @classmethod
-    def from_args(cls, args: str) -> Krum:
-        (f,) = split_args(args, cls.form, least=1, most=1)
-        return cls(f=parse_int(f, cls.form, minimum=0))
-
-    def aggregate(self, own: torch.Tensor, received: Mapping[str, torch.Tensor],
-                  context: MergeContext | None = None) -> torch.Tensor:
-        if not received:
-            return own.clone()
-        return krum_rule(stack_inputs(own, received), self.f)
+    def rule(self, stacked: torch.Tensor, f: int) -> torch.Tensor:
+        return krum_rule(stacked, f)
 
 
 @dataclass(frozen=True, slots=True)

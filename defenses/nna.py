@@ -19,14 +19,11 @@ learning-rate schedule ``γ_t = γ0 / (1 + t/τ)`` (:func:`monna_lr`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from defenses.args import parse_int, split_args
-from defenses.base import Aggregator, MergeContext, stack_inputs
+from defenses.frule import FRule
 
 
 def nna_rule(stacked: torch.Tensor, f: int) -> torch.Tensor:
@@ -102,26 +99,11 @@ def monna_momentum(m: torch.Tensor, g: torch.Tensor, beta: float) -> torch.Tenso
     return torch.lerp(g, m, beta)  # g + β (m − g) = β m + (1 − β) g
 
 
-@dataclass(frozen=True, slots=True)
-class NNA(Aggregator):
+class NNA(FRule):
     """Nearest-neighbour averaging around own model (see :func:`nna_rule`); nothing received → own."""
 
     name = "nna"
     form: ClassVar[str] = "nna:F with integer F >= 0"
 
-    f: int
-
-    def __post_init__(self) -> None:
-        if self.f < 0:
-            raise ValueError(f"bad F={self.f}: expected {self.form}")
-
-    @classmethod
-    def from_args(cls, args: str) -> NNA:
-        (f,) = split_args(args, cls.form, least=1, most=1)
-        return cls(f=parse_int(f, cls.form, minimum=0))
-
-    def aggregate(self, own: torch.Tensor, received: Mapping[str, torch.Tensor],
-                  context: MergeContext | None = None) -> torch.Tensor:
-        if not received:
-            return own.clone()
-        return nna_rule(stack_inputs(own, received), self.f)
+    def rule(self, stacked: torch.Tensor, f: int) -> torch.Tensor:
+        return nna_rule(stacked, f)

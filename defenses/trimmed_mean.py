@@ -7,14 +7,11 @@ smallest and average the rest: ``θ_i[j] ← 1/(n − 2F) · Σ_{p=F}^{n−F−1
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from defenses.args import parse_int, split_args
-from defenses.base import Aggregator, MergeContext, stack_inputs
+from defenses.frule import FRule
 from defenses.sorting_network import reduce_order_statistics
 
 
@@ -52,26 +49,11 @@ def trimmed_mean_rule(stacked: torch.Tensor, f: int) -> torch.Tensor:
     return reduce_order_statistics(stacked, extremes, middle_mean)
 
 
-@dataclass(frozen=True, slots=True)
-class TrimmedMean(Aggregator):
+class TrimmedMean(FRule):
     """Coordinate-wise trimmed mean dropping ``f`` values at each end (see :func:`trimmed_mean_rule`)."""
 
     name = "trimmed-mean"
     form: ClassVar[str] = "trimmed-mean:F with integer F >= 0"
 
-    f: int
-
-    def __post_init__(self) -> None:
-        if self.f < 0:
-            raise ValueError(f"bad F={self.f}: expected {self.form}")
-
-    @classmethod
-    def from_args(cls, args: str) -> TrimmedMean:
-        (f,) = split_args(args, cls.form, least=1, most=1)
-        return cls(f=parse_int(f, cls.form, minimum=0))
-
-    def aggregate(self, own: torch.Tensor, received: Mapping[str, torch.Tensor],
-                  context: MergeContext | None = None) -> torch.Tensor:
-        if not received:
-            return own.clone()
-        return trimmed_mean_rule(stack_inputs(own, received), self.f)
+    def rule(self, stacked: torch.Tensor, f: int) -> torch.Tensor:
+        return trimmed_mean_rule(stacked, f)

@@ -14,7 +14,9 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -171,18 +173,18 @@ def _load_idx_cached(path: Path) -> np.ndarray:
         except (OSError, ValueError) as exc:
             logger.warning("ignoring unreadable cache file %s: %s", cached, exc)
     array = read_idx(path)
-    _write_atomic(cached, array)
+    write_cache_atomic(cached, lambda fh: np.save(fh, array, allow_pickle=False))
     return array
 
 
-def _write_atomic(target: Path, array: np.ndarray) -> None:
-    """Save ``array`` to ``target`` via a temp file and ``os.replace``; failures only log."""
+def write_cache_atomic(target: Path, save: Callable[[IO[bytes]], None]) -> None:
+    """Write a cache file with ``save(fh)`` via a temp file and ``os.replace``; failures only log."""
     tmp_name = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as fh:
             tmp_name = fh.name
-            np.save(fh, array, allow_pickle=False)
+            save(fh)
         os.chmod(tmp_name, 0o644)  # a shared cache: NamedTemporaryFile creates 0600 files
         os.replace(tmp_name, target)
         tmp_name = None

@@ -30,7 +30,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -52,6 +51,7 @@ from p2pnode.tasks.fashion_mnist import (
     _check_pairs,
     _load_idx_cached,
     cache_dir,
+    write_cache_atomic,
 )
 from p2pnode.tasks.partition import partition_indices
 
@@ -307,17 +307,4 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def _save_npz_atomic(target: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write an uncompressed ``.npz`` via a temp file and ``os.replace``; failures only log."""
-    tmp_name = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as fh:
-            tmp_name = fh.name
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-        os.chmod(tmp_name, 0o644)  # a shared cache: NamedTemporaryFile creates 0600 files
-        os.replace(tmp_name, target)
-        tmp_name = None
-    except OSError as exc:
-        logger.warning("cannot write cache file %s: %s", target, exc)
-    finally:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
+    write_cache_atomic(target, lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]

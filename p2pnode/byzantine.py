@@ -8,7 +8,11 @@ merge — and differs only through the hooks the honest :class:`Node` exposes:
   it received in its last round that received any (or the omniscient channel, below) and the swarm's
   defense (its own aggregator) for adaptive attacks to tune against;
 - ``observe``: keeps the latest received models (at most ``gossip.max_inbox``);
-- ``local_training``: a free-rider skips local SGD.
+- ``local_training``: a free-rider skips local SGD; every attacker remembers the model it started the
+  round's training from (``start``, passed to ``craft``);
+- ``_merge``: an attack with ``merges`` set averages its own model with the models received from
+  peers that are not its allies (``attack.allies``: the other identities of a Sybil attacker), so it
+  stays aligned with the honest swarm; other attackers never adopt honest models.
 
 Data poisoning happens once, when the node is built: :func:`poison_trainer_data` rewrites the
 trainer's shard before the first round.
@@ -29,6 +33,7 @@ Honest code paths contain no attack logic: :func:`make_node` returns a plain :cl
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import logging
@@ -121,6 +126,8 @@ class ByzantineNode(Node):
         self._craft_rng = attack_generator(config.seed, f"craft/{identity.peer_id}")
         self._observed_version = 0
         self._cache: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None  # key, own, crafted
+        self.allies = frozenset(config.attack.allies) - {identity.peer_id}
+        self._start: torch.Tensor | None = None  # the model before this round's local training
         classes = num_classes if num_classes is not None else infer_num_classes(trainer)
         data_rng = attack_generator(config.seed, f"data/{config.task.shard}")
         poison_trainer_data(trainer, self.attack, classes, data_rng)
@@ -128,13 +135,24 @@ class ByzantineNode(Node):
 
     def local_training(self, steps: int) -> float:
         """H local SGD steps, unless the attack never trains (free-rider: returns loss 0.0)."""
+        self._start = self.trainer.get_flat()
         if not self.attack.trains:
             return 0.0
         return self.trainer.train_steps(steps)
 
     async def _merge(self, sent: torch.Tensor, received: dict[str, torch.Tensor]) -> None:
-        """An attacker never adopts honest models: it keeps training on its own (poisoned) data, which
-        makes data-poisoning attacks (label flips, backdoor, Sybils) as strong as they can be."""
+        """An attack with ``merges`` takes the plain mean of its own model and its non-allies' models.
+
+        Any other attacker never adopts honest models: it keeps training on its own (poisoned) data,
+        which makes the untargeted data-poisoning attacks (label flips, backdoor) as strong as they can be.
+        """
+        if not self.attack.merges:
+            return
+        own = self.trainer.get_flat()
+        others = [m for peer, m in received.items() if peer not in self.allies]
+        if others:
+            merged = torch.stack([own, *others]).mean(dim=0)
+            await asyncio.to_thread(self.trainer.add_flat_, merged - own)
 
     def observe(self, received: dict[str, torch.Tensor]) -> None:
         """Keep the models of the last round that received any (at most ``gossip.max_inbox``)."""
@@ -153,7 +171,8 @@ class ByzantineNode(Node):
         key = (self.round, self._observed_version)
         if self._cache is not None and self._cache[0] == key and self._cache[1] is own:
             return self._cache[2]
-        crafted = self.attack.craft(own, self.observed_models(), rng=self._craft_rng, defense=self.aggregator)
+        crafted = self.attack.craft(own, self.observed_models(), rng=self._craft_rng, defense=self.aggregator,
+                                    start=self._start)
         crafted = crafted.detach().to("cpu", torch.float32).contiguous()
         self._cache = (key, own, crafted)
         return crafted

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pnode.errors import ConfigError
+from protocols.codecs import make_codec
 
 _PARTITION_RE = re.compile(r"^(iid|dirichlet:(\d+(\.\d*)?|\.\d+)(e-?\d+)?)$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -123,6 +124,10 @@ class GossipConfig:
                         "multi-krum:F,M | centered-clip:TAU | sybilwall | bristle[:ALPHA]", "mean")
     variance_correction: bool = _doc("rescale each merged layer's spread to the inputs' mean variance "
                                      "(Tian et al.; wraps any defense)", False)
+    codec: str = _doc("model exchange codec NAME[:ARGS]: dense | fp16 | bf16 | int8 | topk:RATIO | "
+                      "powersgd:RANK | terngrad; every codec but dense sends the difference to a per-peer "
+                      "reference", "dense")
+    codec_peers: int = _doc("peers whose codec references are kept (least recently used dropped)", 32)
     max_inbox: int = _doc("most pushed models kept between two merges (latest per peer)", 64)
     wait_peers: int = _doc("wait (up to wait_peers_s) for this many live peers before round 1", 0)
     wait_peers_s: float = _doc("longest wait for wait_peers", 30.0)
@@ -132,6 +137,11 @@ class GossipConfig:
         _require(self.rounds >= 0, "gossip.rounds", self.rounds, "integer >= 0 (0 = forever)")
         _require(self.fanout >= 0, "gossip.fanout", self.fanout, "integer >= 0")
         _require(self.max_inbox >= 1, "gossip.max_inbox", self.max_inbox, "integer >= 1")
+        _require(self.codec_peers >= 1, "gossip.codec_peers", self.codec_peers, "integer >= 1")
+        try:
+            make_codec(self.codec)
+        except ValueError as exc:
+            raise ConfigError("gossip.codec", self.codec, str(exc)) from None
         _require(self.wait_peers >= 0, "gossip.wait_peers", self.wait_peers, "integer >= 0")
         _require(self.wait_peers_s >= 0, "gossip.wait_peers_s", self.wait_peers_s, "float >= 0")
         _require(self.linger_s >= 0, "gossip.linger_s", self.linger_s, "float >= 0")
@@ -143,6 +153,8 @@ class AttackConfig:
 
     name: str = _doc("attack NAME[:ARGS] (sign-flip, gaussian, alie, ipm, label-flip, targeted-label-flip, "
                      "backdoor, sybil, free-rider); empty = honest", "")
+    allies: list[str] = _doc("peer ids of the same attacker's other identities (sybil): an attacker that "
+                             "merges leaves their models out", default_factory=list)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -55,6 +55,7 @@ class InprocOptions:
     batch_size: int = 32
     lr: float = 0.05
     defense: str = "mean"
+    codec: str = "dense"
     variance_correction: bool = False
     seed: int = 0
     independent_init: bool = False  # each node starts from its own random weights (vanishing variance)
@@ -106,7 +107,7 @@ def _node_config(opts: InprocOptions, i: int) -> NodeConfig:
     task = TaskConfig(name=opts.task, partition=opts.partition, shard=shard.index, num_shards=shard.count,
                       batch_size=opts.batch_size, lr=opts.lr, local_steps=opts.local_steps,
                       eval_every=opts.eval_every or 10**9, eval_samples=opts.eval_samples)
-    gossip = GossipConfig(rounds=opts.rounds, fanout=opts.fanout, defense=opts.defense,
+    gossip = GossipConfig(rounds=opts.rounds, fanout=opts.fanout, defense=opts.defense, codec=opts.codec,
                           variance_correction=opts.variance_correction)
     cfg = NodeConfig(device="cpu", seed=opts.seed, task=task, gossip=gossip,
                      attack=AttackConfig(name=opts.attack if byz else ""))
@@ -151,15 +152,20 @@ class InprocSwarm:
         self.registry: dict[str, MembershipRecord] = {}
         self.nodes: list[Node] = []
         self.rows: list[dict[str, Any]] = []
-        for i in range(opts.nodes):
+        identities = [Identity.generate() for _ in range(opts.nodes)]
+        # Sybil identities are one attacker: each knows the others' peer ids (its allies)
+        allies = ([ident.peer_id for ident in identities[opts.nodes - opts.byzantine:]]
+                  if opts.attack.startswith("sybil") else [])
+        for i, identity in enumerate(identities):
             cfg = _node_config(opts, i)
-            identity = Identity.generate()
+            if cfg.attack.name:
+                cfg.attack.allies = list(allies)
             trainer = _build_trainer(opts, cfg, i)
             transport = MemoryTransport(self.network, identity.peer_id)
             view = FullView(identity.peer_id, self.registry, random.Random(f"{opts.seed}/{i}"))
             self.nodes.append(factory(cfg, identity, trainer, transport, view))
             self.registry[identity.peer_id] = MembershipRecord(
-                peer_id=identity.peer_id, swarm="inproc", maddrs=(), round=0, mode="gossip", codec="dense",
+                peer_id=identity.peer_id, swarm="inproc", maddrs=(), round=0, mode="gossip", codec=opts.codec,
                 model_fingerprint=b"", timestamp=time.time())
 
     async def run(self, progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:

@@ -41,11 +41,13 @@ from p2pnode.tasks import ShardSpec, make_task
 from p2pnode.trainer import LocalTrainer, limit_threads, resolve_device, spec_fingerprint
 from p2pnode.transport.base import Transport
 from p2pnode.transport.p2p import P2PTransport
+from p2pnode.wire import ModelWire, Received
+from protocols.codecs import Layout
 from protocols.envelope import ReplayGuard, open_envelope, seal
 from protocols.errors import ProtocolError
 from protocols.exchange import pack_exchange, unpack_exchange
-from protocols.model import decode_model, encode_model
 from protocols.records import MembershipRecord
+from protocols.replicas import Outgoing
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +79,8 @@ class GossipExtension(Protocol):
     def attach(self, peer_id: str, round: int) -> bytes | None: ...
     def receive(self, sender: str, data: bytes) -> None: ...
     def extras(self) -> dict[str, Any]: ...
-    def note_own_model(self, flat: torch.Tensor, *, round: int) -> None: ...
+    def note_own_model(self, flat: torch.Tensor, *, round: int,
+                       start: torch.Tensor | None = None) -> None: ...
 
 
 def build_extension(config: NodeConfig, identity: Identity, trainer: LocalTrainer) -> GossipExtension | None:
@@ -182,6 +185,11 @@ class Node:
             self.class_f1 = trainer.class_f1
             self.merge_state.class_counts = trainer.val_class_counts
         self.fingerprint = spec_fingerprint(trainer.model)
+        layout = Layout(shapes=tuple(la.shape for la in self.layers))
+        self.wire = ModelWire(config.gossip.codec, layout=layout, init=trainer.get_flat(),
+                              spec_fingerprint=self.fingerprint,
+                              capacity=config.gossip.codec_peers)
+        self._inflight: set[str] = set()  # peers we have a request out to (compressed codecs: one at a time)
         self.inbox = Inbox(config.gossip.max_inbox)
         self.round = 0
         self.messages_rejected = 0
@@ -206,25 +214,28 @@ class Node:
         return self.trainer.train_steps(steps)
 
     # -- wire --------------------------------------------------------------------------------------
-    def _seal_model(self, kind: str, flat: torch.Tensor, peer_id: str) -> bytes:
-        model = encode_model(self.outgoing_model(flat), fingerprint=self.fingerprint, round=self.round)
+    def _seal_model(self, kind: str, flat: torch.Tensor, peer_id: str,
+                    peer_ack: bytes | None = None) -> tuple[bytes, Outgoing | None]:
+        model, pending = self.wire.encode(peer_id, self.outgoing_model(flat), round=self.round,
+                                          peer_ack=peer_ack)
         attachment = self.extension.attach(peer_id, self.round) if self.extension is not None else None
-        return seal(self.identity, kind=kind, swarm=self.config.network.swarm, round=self.round,
-                    seq=next(self._seq), payload=pack_exchange(model, attachment))
+        sealed = seal(self.identity, kind=kind, swarm=self.config.network.swarm, round=self.round,
+                      seq=next(self._seq), payload=pack_exchange(model, attachment))
+        return sealed, pending
 
-    def _open_model(self, data: bytes, *, kind: str, sender: str, guard: ReplayGuard) -> torch.Tensor:
+    def _open_model(self, data: bytes, *, kind: str, sender: str, guard: ReplayGuard) -> Received:
         """Verify, replay-check and decode a model message from ``sender``; ProtocolError if bad."""
         env = open_envelope(data, max_bytes=self._max_bytes, swarm=self.config.network.swarm, kinds=(kind,))
         if env.sender != sender:
             raise ProtocolError(f"envelope signed by {env.sender}, but the connection is from {sender}")
         guard.check(env)
         model, attachment = unpack_exchange(env.payload, max_bytes=self._max_bytes)
-        flat = decode_model(model, expected_numel=self.trainer.num_params, fingerprint=self.fingerprint).flat
+        received = self.wire.decode(sender, model)
         if attachment is not None:
             if self.extension is None:
                 raise ProtocolError("unexpected attachment: this node runs no gossip extension")
             self.extension.receive(sender, attachment)
-        return flat
+        return received
 
     def _reject(self, peer: str, exc: Exception) -> None:
         self.messages_rejected += 1
@@ -232,18 +243,28 @@ class Node:
 
     async def serve(self, sender: str, request: bytes) -> bytes:
         """Transport handler: keep a pushed model for the next merge and reply with ours."""
+        if self.wire.compressed and sender in self._inflight and self.identity.peer_id < sender:
+            # both ends pushed to each other at once; the larger id's request wins, so the edge's references
+            # change in one exchange at a time (protocols/replicas.py)
+            raise MessageRejected("busy: our own exchange with you is in flight", peer=sender)
         try:
-            flat = self._open_model(request, kind=KIND_PUSH, sender=sender, guard=self._push_guard)
+            received = self._open_model(request, kind=KIND_PUSH, sender=sender, guard=self._push_guard)
         except ProtocolError as exc:
             self._reject(sender, exc)
             raise MessageRejected(str(exc), peer=sender) from exc
-        self.inbox.put(sender, flat)
         self.membership.mark_alive(sender)
         own = await asyncio.to_thread(self.trainer.get_flat)
-        return self._seal_model(KIND_PULL, own, sender)
+        reply, pending = self._seal_model(KIND_PULL, own, sender, peer_ack=received.ack)
+        if pending is not None:
+            self.wire.book.commit(pending)  # type: ignore[union-attr]
+        if received.view is not None:
+            self.inbox.put(sender, self.wire.keep(sender, received.view, own))
+        return reply
 
-    async def _exchange_one(self, peer: MembershipRecord, request: bytes) -> torch.Tensor | None:
+    async def _exchange_one(self, peer: MembershipRecord, own: torch.Tensor) -> torch.Tensor | None:
         timeout = self.config.timeouts.exchange
+        request, pending = self._seal_model(KIND_PUSH, own, peer.peer_id)
+        self._inflight.add(peer.peer_id)
         try:
             reply = await self.transport.exchange(peer.peer_id, request, timeout=timeout, maddrs=peer.maddrs)
         except PeerUnreachable as exc:
@@ -253,19 +274,24 @@ class Node:
         except MessageRejected as exc:
             logger.info("exchange with %s refused: %s", peer.peer_id, exc)
             return None
+        finally:
+            self._inflight.discard(peer.peer_id)
         try:
-            return self._open_model(reply, kind=KIND_PULL, sender=peer.peer_id, guard=self._pull_guard)
+            received = self._open_model(reply, kind=KIND_PULL, sender=peer.peer_id, guard=self._pull_guard)
         except ProtocolError as exc:
             self._reject(peer.peer_id, exc)
             return None
+        if pending is not None:
+            self.wire.book.settle_request(pending, received.ack or b"")  # type: ignore[union-attr]
+        if received.view is None:
+            return None
+        return self.wire.keep(peer.peer_id, received.view, own)
 
     async def exchange(self, peers: Sequence[MembershipRecord], own: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Push ``own`` to every peer concurrently; return the models they replied with."""
+        """Push ``own`` to every peer concurrently; return what they replied with (see ModelWire.keep)."""
         async with asyncio.TaskGroup() as tg:
-            tasks = {p.peer_id: tg.create_task(
-                self._exchange_one(p, self._seal_model(KIND_PUSH, own, p.peer_id)))
-                     for p in peers}
-        return {peer: flat for peer, t in tasks.items() if (flat := t.result()) is not None}
+            tasks = {p.peer_id: tg.create_task(self._exchange_one(p, own)) for p in peers}
+        return {peer: kept for peer, task in tasks.items() if (kept := task.result()) is not None}
 
     # -- rounds ------------------------------------------------------------------------------------
     async def wait_for_peers(self) -> None:
@@ -285,17 +311,18 @@ class Node:
         """Train H steps, exchange with k sampled peers, merge, maybe evaluate."""
         cfg = self.config
         self.round += 1
+        start = await asyncio.to_thread(self.trainer.get_flat) if self.extension is not None else None
         loss = await asyncio.to_thread(self.local_training, cfg.task.local_steps)
         sent = await asyncio.to_thread(self.trainer.get_flat)
         if not torch.isfinite(sent).all():
             sent = await self._recover_from_divergence(loss)
         self._last_good = sent
         if self.extension is not None:
-            self.extension.note_own_model(sent, round=self.round)
+            self.extension.note_own_model(sent, round=self.round, start=start)
         peers = self._pick_peers(sent, cfg.gossip.fanout)
         pulled = await self.exchange(peers, sent)
         pushed = self.inbox.drain()
-        received = {**pushed, **pulled}  # a pulled model is at least as fresh as a pushed one
+        received = self.wire.inputs(sent, {**pushed, **pulled})  # a pulled model is as fresh as a pushed one
         self.observe(received)
         if received:
             await self._merge(sent, received)
@@ -352,6 +379,7 @@ class Node:
         return {"peer_id": self.identity.peer_id, "role": self.role, "bytes_sent": stats.bytes_sent,
                 "bytes_received": stats.bytes_received,
                 "messages_rejected": self.messages_rejected + self.membership.rejected,
+                "codec_resyncs": self.wire.resyncs,
                 "local_divergences": self.local_divergences}
 
     async def run_rounds(self, metrics: MetricsWriter) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2pnode.errors import ConfigError, P2PNodeError
+from p2pnode.identity import load_or_create_identity
 from p2pnode.report import MetricsTail, plot_accuracy
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ class SwarmOptions:
     fanout: int = _doc("peers sampled for a push-pull exchange each round (k)", 2)
     local_steps: int = _doc("local SGD steps between two exchanges (H)", 20)
     defense: str = _doc("merge rule of every node, NAME[:ARGS] (see `p2pnode run --help`)", "mean")
+    codec: str = _doc("model exchange codec of every node, NAME[:ARGS] (see `p2pnode run --help`)", "dense")
     byzantine: int = _doc("how many nodes (the last ones) run --attack; test and benchmark only", 0)
     attack: str = _doc("attack NAME[:ARGS] of the Byzantine nodes (see `p2pnode run --help`)", "")
     sybils: int = _doc("with --attack sybil: one attacker running this many identities (node processes "
@@ -229,6 +231,7 @@ class Swarm:
         self._tails = [MetricsTail(self.node_paths(i).metrics) for i in range(opts.nodes)]
         self._progress = [NodeProgress(node=i) for i in range(opts.nodes)]
         self._bootstrap_maddr: str | None = None
+        self._allies: list[str] = []  # peer ids of the Sybil identities (see _make_sybil_keys)
         self._t_start: float | None = None
         self._t_end: float | None = None
 
@@ -261,11 +264,23 @@ class Swarm:
                 "--result-file", str(p.result), "--linger-s", str(o.linger_s),
                 "--fanout", str(o.fanout), "--local-steps", str(o.local_steps), "--device", o.device,
                 "--threads", "1", "--log-level", o.log_level, "--defense", o.defense,
+                "--codec", o.codec,
                 # every node waits (bounded) until the others are in its view, so none races ahead alone
                 "--wait-peers", str(o.nodes - 1), *o.extra_args]
         if i >= o.nodes - o.byzantine:
             cmd += ["--attack", o.attack]
+            if self._allies:
+                cmd += ["--allies", *self._allies]
         return cmd
+
+    def _make_sybil_keys(self) -> None:
+        """Sybil identities are one attacker that knows all its keys: create them up front so every
+        identity can be told the others' peer ids (``--allies``)."""
+        if not self.opts.sybils:
+            return
+        first = self.opts.nodes - self.opts.byzantine
+        for i in range(first, self.opts.nodes):
+            self._allies.append(load_or_create_identity(self.node_paths(i).key).peer_id)
 
     def _launch(self, i: int) -> None:
         cmd = self._command(i)
@@ -316,6 +331,7 @@ class Swarm:
         for sub in ("keys", "logs", "nodes"):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
         self._t_start = time.time()
+        self._make_sybil_keys()
         try:
             self._launch(0)
             info = self._wait_ready([0])[0]

@@ -14,13 +14,15 @@ A stored record is replaced only by one of a newer (signed) round. The table kee
 origins, least recently updated evicted; it is soft state (refilled by gossip after a restart), so only
 the node's own history is in :meth:`SybilWallExtension.state_dict`.
 
-What ``h_i`` is: the sum of the updates of the models this node *sent* (``note_own_model``), i.e. what
-its neighbours compute from the models they receive; with the swarm's common initial model ``base``
-that is ``m_i − θ_0`` at every observer (see :mod:`defenses.sybilwall`). The aggregator always prefers
-its own observation of a direct neighbour to that neighbour's self-signed record. Known limits: a relay
-may lie about the (unsigned) hop, which only skews forwarding; an origin may sign any history it likes
-for itself — a direct neighbour could cross-check it against ``m − θ_0`` of the same round, which this
-extension does not do because it never sees the models.
+What ``h_i`` is: with ``start`` given to ``note_own_model`` (the node always gives it), the sum of this
+node's own local-training updates ``Σ_t (m_i(t) − start_i(t))`` — what it adds to the models it
+receives, the counterpart of the relative histories its neighbours observe (see
+:mod:`defenses.sybilwall`). Without ``start``: the sum of the updates of the models this node *sent*,
+i.e. with the swarm's common initial model ``base``, ``m_i − θ_0`` (the ``absolute`` histories). The
+aggregator always prefers its own observation of a direct neighbour to that neighbour's self-signed
+record. Known limits: a relay may lie about the (unsigned) hop, which only skews forwarding; an origin
+may sign any history it likes for itself — a direct neighbour could cross-check it against ``m − θ_0``
+of the same round, which this extension does not do because it never sees the models.
 """
 
 from __future__ import annotations
@@ -122,12 +124,14 @@ class SybilWallExtension:
         return self._records
 
     # -- own history --------------------------------------------------------------------------------
-    def note_own_model(self, flat: torch.Tensor, *, round: int) -> None:
-        """Account the model this node sends in ``round`` (call once per round, before the exchange)."""
-        if flat.shape != (self.numel,):
+    def note_own_model(self, flat: torch.Tensor, *, round: int, start: torch.Tensor | None = None) -> None:
+        """Account the model this node sends in ``round`` (call once per round, before the exchange);
+        ``start`` is the model this round's local training started from (see the module docstring)."""
+        if flat.shape != (self.numel,) or (start is not None and start.shape != flat.shape):
             raise ValueError(f"own model must have shape ({self.numel},), got {tuple(flat.shape)}")
         model = flat.detach().to("cpu", torch.float32)
-        self.own = observe_model(self.own, model, base=self.base, round=round)
+        own = None if start is None else start.detach().to("cpu", torch.float32)
+        self.own = observe_model(self.own, model, base=self.base, round=round, own=own)
         self._own_packed = None
 
     def _own_record(self) -> bytes | None:

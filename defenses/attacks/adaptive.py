@@ -71,7 +71,7 @@ class _LineSearchAttack(Attack):
         return cls(copies, coefficient)
 
     def craft(self, own: torch.Tensor, observed: Sequence[torch.Tensor], *, rng: torch.Generator,
-              defense: Aggregator | None = None) -> torch.Tensor:
+              defense: Aggregator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
         mu = observed_mean(own, observed)  # (d,)
         sigma = (torch.stack(list(observed)).std(dim=0, correction=0) if observed
                  else torch.zeros_like(own))  # (d,)

@@ -27,7 +27,9 @@ class Attack(ABC):
     ``craft(own, observed, rng=..., defense=...)`` takes the attacker's own model ``own`` of shape
     ``(d,)`` and the models it observed (each ``(d,)``, same dtype and device; possibly empty) and
     returns a *new* ``(d,)`` tensor to send; inputs are never modified. ``defense`` is the merge
-    rule the swarm runs (adaptive attacks tune themselves against it; others ignore it).
+    rule the swarm runs (adaptive attacks tune themselves against it; others ignore it). ``start``
+    is the attacker's model before this round's local training (``own`` is after it), so
+    ``own - start`` is the attacker's own update; ``None`` when the caller does not track it.
 
     ``poison_data(x, y, num_classes, rng=...)`` returns the training set the attacker trains on,
     ``x`` of shape ``(n, *input_shape)`` and ``y`` of shape ``(n,)`` int64, with the same ``n``; the
@@ -39,6 +41,10 @@ class Attack(ABC):
     name: ClassVar[str]
     usage: ClassVar[str]  # e.g. "sign-flip[:SCALE]", shown in error messages
     trains: ClassVar[bool] = True  # False: the attacker never runs local SGD (free-rider)
+    # True: the attacker merges the models of honest peers (the plain mean, its allies left out) like an
+    # honest node, so it stays aligned with the swarm and its crafted update lands where it hurts.
+    # False: it never adopts honest models and keeps training on its own (poisoned) data.
+    merges: ClassVar[bool] = False
 
     @classmethod
     def from_args(cls, args: str) -> Self:
@@ -48,7 +54,7 @@ class Attack(ABC):
 
     @abstractmethod
     def craft(self, own: torch.Tensor, observed: Sequence[torch.Tensor], *, rng: torch.Generator,
-              defense: Aggregator | None = None) -> torch.Tensor:
+              defense: Aggregator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
         """Return the model to send, shape ``(d,)``."""
 
     def poison_data(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,

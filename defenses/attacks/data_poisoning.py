@@ -65,7 +65,7 @@ class _HonestSender(Attack):
     """Data poisoning only: send the own model as an honest node would."""
 
     def craft(self, own: torch.Tensor, observed: Sequence[torch.Tensor], *, rng: torch.Generator,
-              defense: Aggregator | None = None) -> torch.Tensor:
+              defense: Aggregator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
         return own.clone()
 
 

@@ -41,7 +41,7 @@ class SignFlip(Attack):
         return cls(*(parse_float(cls.usage, p) for p in parts))
 
     def craft(self, own: torch.Tensor, observed: Sequence[torch.Tensor], *, rng: torch.Generator,
-              defense: Aggregator | None = None) -> torch.Tensor:
+              defense: Aggregator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
         return observed_mean(own, observed).mul_(-self.scale)
 
 
@@ -62,7 +62,7 @@ class GaussianNoise(Attack):
         return cls(*(parse_float(cls.usage, p) for p in parts))
 
     def craft(self, own: torch.Tensor, observed: Sequence[torch.Tensor], *, rng: torch.Generator,
-              defense: Aggregator | None = None) -> torch.Tensor:
+              defense: Aggregator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
         mu = observed_mean(own, observed)
         return mu.add_(gaussian_like(mu, self.sigma, rng))
 
@@ -75,5 +75,5 @@ class FreeRider(Attack):
     trains = False
 
     def craft(self, own: torch.Tensor, observed: Sequence[torch.Tensor], *, rng: torch.Generator,
-              defense: Aggregator | None = None) -> torch.Tensor:
+              defense: Aggregator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
         return (observed[-1] if observed else own).clone()

@@ -10,6 +10,7 @@ import logging
 
 from p2pnode.errors import ConfigError
 from p2pnode.tasks.base import ShardSpec, Task, TaskData
+from p2pnode.tasks.charlm import ShakespeareCharLMTask
 from p2pnode.tasks.digits import DigitsTask
 from p2pnode.tasks.fashion_mnist import FashionMnistTask
 from p2pnode.tasks.transfer import FashionMnistTransferTask
@@ -23,6 +24,7 @@ TASKS: dict[str, type[Task]] = {
     DigitsTask.name: DigitsTask,
     FashionMnistTask.name: FashionMnistTask,
     FashionMnistTransferTask.name: FashionMnistTransferTask,
+    ShakespeareCharLMTask.name: ShakespeareCharLMTask,
 }
 
 

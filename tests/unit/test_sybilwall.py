@@ -253,7 +253,7 @@ def test_without_a_state_or_base_every_peer_is_new_and_own_is_returned() -> None
     received = {"p": torch.randn(D)}
     own_copy, p_copy = own.clone(), received["p"].clone()
 
-    merged = SybilWall().aggregate(own, received)
+    merged = SybilWall(mode="absolute").aggregate(own, received)
 
     assert torch.equal(merged, own)
     assert merged is not own
@@ -573,3 +573,50 @@ def test_three_nodes_in_a_line_learn_each_others_records_through_the_middle() ->
         assert all(n.messages_rejected == 0 for n in (a, b, c))
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- relative histories
+def test_relative_history_sums_what_each_model_adds_to_ours() -> None:
+    state = SybilWallState()
+    state.observe("p", torch.tensor([3.0, 1.0]), base=None, round=1, own=torch.tensor([1.0, 1.0]))
+    state.observe("p", torch.tensor([0.0, 5.0]), base=None, round=2, own=torch.tensor([1.0, 2.0]))
+
+    assert torch.equal(state.histories["p"].h, torch.tensor([1.0, 3.0]))  # (2, 0) + (-1, 3)
+    assert state.histories["p"].round == 2
+
+
+def _merged_swarm(n_honest: int, n_sybils: int, rounds: int, seed: int = 0) -> list[tuple[torch.Tensor, dict]]:
+    """Rounds of a swarm that mixes well: every model is the common trajectory c(t) plus the sender's own
+    update. Honest updates are independent; Sybils stay merged (start from c(t)) and add one boosted
+    poisoned direction plus tiny noise. Returns, per round, (own model, received models)."""
+    g = torch.Generator().manual_seed(seed)
+    poison = torch.randn(D, generator=g)
+    out = []
+    for t in range(1, rounds + 1):
+        c = torch.full((D,), 10.0 * t)  # the shared trajectory dominates every model
+        own = c + 0.3 * torch.randn(D, generator=g)
+        received = {f"h{i}": c + 0.3 * torch.randn(D, generator=g) for i in range(n_honest)}
+        received |= {f"s{i}": c + 4 * 0.3 * poison + 1e-3 * torch.randn(D, generator=g) for i in range(n_sybils)}
+        out.append((own, received))
+    return out
+
+
+def test_relative_histories_zero_sybils_that_stay_merged_and_keep_honest_peers() -> None:
+    rule, state = SybilWall(), SybilWallState()
+    rounds = _merged_swarm(n_honest=4, n_sybils=5, rounds=4)
+    for r, (own, received) in enumerate(rounds, start=1):
+        merged = rule.aggregate(own, received, MergeContext(round=r, state=state, extras={"base": torch.zeros(D)}))
+
+    w = SybilWall.peer_weights(state, {}, rounds[-1][0])
+    assert all(w[f"s{i}"] == 0.0 for i in range(5)) and all(w[f"h{i}"] == 1.0 for i in range(4))
+    own, received = rounds[-1]
+    torch.testing.assert_close(merged, (own + sum(received[f"h{i}"] for i in range(4))) / 5)
+
+
+def test_mode_is_chosen_by_the_spec() -> None:
+    from defenses import make_aggregator
+
+    assert make_aggregator("sybilwall").relative
+    assert not make_aggregator("sybilwall:absolute").relative
+    with pytest.raises(ValueError, match="relative\\|absolute"):
+        make_aggregator("sybilwall:other")

@@ -294,7 +294,7 @@ def test_user_task_bad_specs_are_config_errors(spec: str, needle: str) -> None:
 
 
 def test_make_task_returns_registered_tasks() -> None:
-    assert set(TASKS) == {"digits", "fashion-mnist", "fashion-mnist-transfer"}
+    assert set(TASKS) == {"digits", "fashion-mnist", "fashion-mnist-transfer", "shakespeare-charlm"}
     assert isinstance(make_task("digits"), DigitsTask)
     fm = make_task("fashion-mnist", data_dir="/tmp/x")
     assert isinstance(fm, FashionMnistTask)

@@ -41,7 +41,7 @@ _LOG_HANDLER_NAME = "p2pnode-cli"
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
                "error": logging.ERROR}
 _RENAMED = {"task.name": "task", "task.shard": "shard", "attack.name": "attack"}
-_SECTION_PREFIX = {"timeouts": "timeout-"}
+_SECTION_PREFIX = {"timeouts": "timeout-", "spsa": "spsa-"}
 _SWARM_SKIPPED = ("extra_args",)  # filled from the arguments after `--`
 
 DESCRIPTION = """\

@@ -103,6 +103,32 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--json", type=Path, default=Path("runs/bench-defenses.json"), help="results file")
 
 
+    p = which.add_parser("codecs", allow_abbrev=False, help="wire size, speed and error of every codec",
+                         description="Every codec on a ResNet-50-sized layout (25,557,032 fp32 elements) "
+                                     "and on the fashion-mnist CNN: bytes on the wire, ratio vs fp32, "
+                                     "encode/decode GB/s of fp32 input (median after a warm-up), relative L2 "
+                                     "error; hivemind's Float16 and ScaledFloat16 as references.")
+    p.add_argument("--codecs", type=_csv(str), default=None, help="codecs (default: all, with standard args)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per codec (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads during the run (default 1)")
+    p.add_argument("--json", type=Path, default=Path("runs/bench-codecs.json"), help="results file")
+
+    from p2pnode.bench.codec_swarm import CodecSwarmOptions
+
+    c = CodecSwarmOptions()
+    p = which.add_parser("codec-swarm", allow_abbrev=False, help="one real swarm per codec: accuracy, bytes",
+                         description="`p2pnode swarm` once per codec (real processes, libp2p, DHT), "
+                                     "everything else equal: honest accuracy, bytes per node, wall time.")
+    p.add_argument("--nodes", type=int, default=c.nodes, help=f"nodes (default {c.nodes})")
+    p.add_argument("--rounds", type=int, default=c.rounds, help=f"rounds (default {c.rounds})")
+    p.add_argument("--task", default=c.task, help=f"task (default {c.task})")
+    p.add_argument("--fanout", type=int, default=c.fanout, help=f"peers per round (default {c.fanout})")
+    p.add_argument("--codecs", type=_csv(str), default=c.codecs,
+                   help="codecs (default: " + ",".join(c.codecs) + ")")
+    p.add_argument("--out-dir", type=Path, default=c.out_dir, help=f"swarm outputs (default {c.out_dir})")
+    p.add_argument("--json", type=Path, default=c.json_path, help=f"results file (default {c.json_path})")
+
+
 def cmd_bench(ns: argparse.Namespace) -> int:
     if ns.bench == "robustness":
         from p2pnode.bench.robustness import RobustnessOptions, run_robustness
@@ -140,6 +166,21 @@ def cmd_bench(ns: argparse.Namespace) -> int:
             print(json.dumps(row))
         ratios = json.dumps(res["attack_over_no_attack"])
         print(f"accuracy under attack / without: {ratios}; results: {ns.json}")
+        return 0
+    if ns.bench == "codecs":
+        from p2pnode.bench.codecs import run_codec_bench
+
+        run_codec_bench(specs=ns.codecs, repeats=ns.repeats, threads=ns.threads, json_path=ns.json)
+        return 0
+    if ns.bench == "codec-swarm":
+        from p2pnode.bench.codec_swarm import CodecSwarmOptions, format_table, run_codec_swarm_bench
+
+        data = run_codec_swarm_bench(
+            CodecSwarmOptions(nodes=ns.nodes, rounds=ns.rounds, task=ns.task, fanout=ns.fanout,
+                              codecs=ns.codecs, out_dir=ns.out_dir, json_path=ns.json),
+            on_row=lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
+        print(format_table(data))
+        print(f"results: {ns.json}")
         return 0
     from p2pnode.bench.defenses import run_defense_bench
 

@@ -119,6 +119,8 @@ class GossipConfig:
     """The round loop: how many rounds, with how many peers, merged how."""
 
     rounds: int = _doc("rounds to run (0 = until stopped)", 0)
+    mode: str = _doc("what is gossiped: gossip (models, merged by the defense) | spsa (one-byte SPSA "
+                     "scalars)", "gossip")
     fanout: int = _doc("peers sampled for a push-pull exchange each round (k)", 2)
     defense: str = _doc("merge rule NAME[:ARGS]: mean | nna:F | median | trimmed-mean:F | krum:F | "
                         "multi-krum:F,M | centered-clip:TAU | sybilwall | bristle[:ALPHA]", "mean")
@@ -135,6 +137,7 @@ class GossipConfig:
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 0, "gossip.rounds", self.rounds, "integer >= 0 (0 = forever)")
+        _require(self.mode in ("gossip", "spsa"), "gossip.mode", self.mode, "gossip | spsa")
         _require(self.fanout >= 0, "gossip.fanout", self.fanout, "integer >= 0")
         _require(self.max_inbox >= 1, "gossip.max_inbox", self.max_inbox, "integer >= 1")
         _require(self.codec_peers >= 1, "gossip.codec_peers", self.codec_peers, "integer >= 1")
@@ -155,6 +158,31 @@ class AttackConfig:
                      "backdoor, sybil, free-rider); empty = honest", "")
     allies: list[str] = _doc("peer ids of the same attacker's other identities (sybil): an attacker that "
                              "merges leaves their models out", default_factory=list)
+
+
+@dataclass(kw_only=True, slots=True)
+class SpsaConfig:
+    """``--mode spsa``: shared-seed SPSA gossip, one byte per scalar (see p2pnode/spsa_node.py)."""
+
+    k: int = _doc("scalars (perturbations) per SPSA step; a round has local_steps steps", 1)
+    eps: float = _doc("perturbation size ε of the two-point estimate", 1e-3)
+    lr: float = _doc("SPSA learning rate η: θ ← θ − η ĝ z", 1e-4)
+    drain_rounds: int = _doc("after the last round, rounds of exchange only, so every scalar reaches "
+                             "everyone", 3)
+    probe_every: int = _doc("compare the model with peers at 64 fixed coordinates every N rounds "
+                            "(0 = never)", 2)
+    tolerance: float = _doc("largest probe difference between nodes that applied the same scalars", 1e-4)
+    join: bool = _doc("fetch the model and scalar log from running peers before the first round", False)
+    max_origins: int = _doc("most origins whose scalars are tracked", 1024)
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.k <= 2**16, "spsa.k", self.k, "integer in [1, 65536]")
+        for name in ("eps", "lr", "tolerance"):
+            value = getattr(self, name)
+            _require(value > 0 and value != float("inf"), f"spsa.{name}", value, "float > 0")
+        for name in ("drain_rounds", "probe_every"):
+            _require(getattr(self, name) >= 0, f"spsa.{name}", getattr(self, name), "integer >= 0")
+        _require(self.max_origins >= 1, "spsa.max_origins", self.max_origins, "integer >= 1")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -199,6 +227,7 @@ class NodeConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     output: OutputConfig = field(default_factory=OutputConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    spsa: SpsaConfig = field(default_factory=SpsaConfig)
 
     def __post_init__(self) -> None:
         _require(bool(_DEVICE_RE.match(self.device)), "device", self.device, "auto | cpu | cuda | cuda:N")
@@ -212,6 +241,7 @@ SECTIONS: dict[str, type] = {
     "timeouts": Timeouts,
     "output": OutputConfig,
     "attack": AttackConfig,
+    "spsa": SpsaConfig,
 }
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from defenses import make_aggregator
-from p2pnode.config import AttackConfig, GossipConfig, NodeConfig, TaskConfig
+from p2pnode.config import AttackConfig, GossipConfig, NodeConfig, SpsaConfig, TaskConfig
 from p2pnode.identity import Identity
 from p2pnode.node import Node, build_extension, model_layers, validation_fraction
 from p2pnode.report import plot_accuracy
@@ -56,6 +56,7 @@ class InprocOptions:
     lr: float = 0.05
     defense: str = "mean"
     codec: str = "dense"
+    mode: str = "gossip"  # or "spsa" (then ``extra`` may hold SpsaConfig fields, e.g. {"lr": 1e-4})
     variance_correction: bool = False
     seed: int = 0
     independent_init: bool = False  # each node starts from its own random weights (vanishing variance)
@@ -108,8 +109,10 @@ def _node_config(opts: InprocOptions, i: int) -> NodeConfig:
                       batch_size=opts.batch_size, lr=opts.lr, local_steps=opts.local_steps,
                       eval_every=opts.eval_every or 10**9, eval_samples=opts.eval_samples)
     gossip = GossipConfig(rounds=opts.rounds, fanout=opts.fanout, defense=opts.defense, codec=opts.codec,
+                          mode=opts.mode,
                           variance_correction=opts.variance_correction)
-    cfg = NodeConfig(device="cpu", seed=opts.seed, task=task, gossip=gossip,
+    spsa = SpsaConfig(**opts.extra.get("spsa", {}))
+    cfg = NodeConfig(device="cpu", seed=opts.seed, task=task, gossip=gossip, spsa=spsa,
                      attack=AttackConfig(name=opts.attack if byz else ""))
     cfg.network.swarm = "inproc"
     return cfg
@@ -119,6 +122,10 @@ def _default_factory(config: NodeConfig, identity: Identity, trainer: LocalTrain
                      transport: MemoryTransport, view: FullView) -> Node:
     from p2pnode.byzantine import make_node
 
+    if config.gossip.mode == "spsa":
+        from p2pnode.spsa_node import make_spsa_node
+
+        return make_spsa_node(config, identity, trainer, transport, view, make_task(config.task.name))
     aggregator = make_aggregator(config.gossip.defense, variance_correction=config.gossip.variance_correction)
     return make_node(config, identity, trainer, transport, view, aggregator,
                      extension=build_extension(config, identity, trainer))
@@ -179,6 +186,9 @@ class InprocSwarm:
                                   **asdict(rep)})
             if progress is not None:
                 progress(r)
+        if self.opts.mode == "spsa":  # exchange only, until every scalar has reached every node
+            for _ in range(self.nodes[0].config.spsa.drain_rounds):
+                await asyncio.gather(*(n.run_round(produce=False) for n in self.nodes))  # type: ignore[call-arg]
         n_eval = self.opts.final_eval_samples
         finals = await asyncio.gather(*(asyncio.to_thread(n.trainer.evaluate, n_eval) for n in self.nodes))
         results = []

@@ -398,9 +398,9 @@ class Node:
 
 
 # -- process lifecycle -----------------------------------------------------------------------------
-def _build_trainer(config: NodeConfig) -> LocalTrainer:
+def _build_trainer(config: NodeConfig, task: Any = None) -> LocalTrainer:
     t = config.task
-    task = make_task(t.name, t.data_dir)
+    task = task if task is not None else make_task(t.name, t.data_dir)
     data = task.load(ShardSpec(index=t.shard, count=t.num_shards, partition=t.partition, seed=config.seed))
     model = task.build_model(config.seed)  # one seed for the swarm: every node starts from the same weights
     return LocalTrainer(model, data, lr=t.lr, momentum=t.momentum, batch_size=t.batch_size,
@@ -441,7 +441,8 @@ class NodeRuntime:
         net = cfg.network
         key_path = str(Path(net.identity).expanduser())  # noqa: ASYNC240 - no I/O, string expansion only
         identity = load_or_create_identity(Path(key_path))
-        trainer = await asyncio.to_thread(_build_trainer, cfg)
+        task = make_task(cfg.task.name, cfg.task.data_dir)
+        trainer = await asyncio.to_thread(_build_trainer, cfg, task)
         # On this (the main) thread, not a worker: the DHT's forked child is told to die with the thread
         # that forked it (see _die_with_parent), so a SIGKILLed node leaves no orphan DHT process behind.
         dht = create_dht(  # blocks the loop ~1 s at start-up, before anything is served
@@ -459,8 +460,13 @@ class NodeRuntime:
             membership = Membership(dht, identity, swarm=net.swarm, heartbeat_s=net.heartbeat_s,
                                     ttl_s=net.record_ttl_s, unreachable_s=net.unreachable_s,
                                     dht_timeout=cfg.timeouts.dht, rng=rng)
-            node = make_node(cfg, identity, trainer, transport, membership, aggregator,
-                             extension=build_extension(cfg, identity, trainer))
+            if cfg.gossip.mode == "spsa":
+                from p2pnode.spsa_node import make_spsa_node
+
+                node: Node = make_spsa_node(cfg, identity, trainer, transport, membership, task)
+            else:
+                node = make_node(cfg, identity, trainer, transport, membership, aggregator,
+                                 extension=build_extension(cfg, identity, trainer))
             await transport.start(node.serve)
             return await self._supervise(node, visible_maddrs(dht))
         finally:

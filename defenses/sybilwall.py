@@ -16,16 +16,17 @@ Two definitions of "p's update", chosen with ``sybilwall[:relative|absolute]``:
 - ``relative`` (default): what p's model adds to the round's consensus, ``m_p − c(t)`` with ``c(t)`` the
   coordinate-wise median of this merge's inputs (own model and received ones), summed over the rounds
   p's model arrives: ``h_p = Σ_t (m_p(t) − c(t))``. This is FoolsGold's client update (client model −
-  global model) with the round's robust consensus in the role of the global model. (Our own model is
-  no good as the reference: every history would share ``−`` our own update and look alike, and a lone
-  dissimilar attacker would then get the highest weight.) In gossip every model carries the merges it took part in, so a model-to-model update
-  ``m_p(t) − m_p(t−1)`` is dominated by the swarm's common trajectory: once nodes mix, every history
-  points the same way and an attacker that also merges (a Sybil that stays aligned with the honest
-  swarm and adds a boosted poisoned update) looks *less* alike than the honest peers and gets the
-  highest weight — measured: honest accuracy 0.19 with 15 such Sybils. Relative to the observer, the
-  common trajectory cancels and what is left is each peer's own contribution: diverse for honest peers
-  (different data), near-identical for Sybils. Gossiped records then carry each origin's own sum of
-  local-training updates (what it adds to the models it receives), the same kind of vector.
+  global model) with the round's robust consensus in the role of the global model. (Our own model is no
+  good as the reference: every history would share ``−`` our own update and look alike, and a lone
+  dissimilar attacker would then get the highest weight.) In gossip every model carries the merges it
+  took part in, so a model-to-model update ``m_p(t) − m_p(t−1)`` is dominated by the swarm's common
+  trajectory: once nodes mix, every history points the same way and an attacker that also merges (a
+  Sybil that stays aligned with the honest swarm and adds a boosted poisoned update) looks *less* alike
+  than the honest peers and gets the highest weight — measured: honest accuracy 0.19 with 15 such
+  Sybils. Relative to the observer, the common trajectory cancels and what is left is each peer's own
+  contribution: diverse for honest peers (different data), near-identical for Sybils. Gossiped records
+  then carry each origin's own sum of local-training updates (what it adds to the models it receives),
+  the same kind of vector.
 - ``absolute``: the literal update history of the paper, below.
 
 - ``h_p`` starts from 0 and only ever adds updates (the reference code starts from the full model,

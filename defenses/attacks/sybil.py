@@ -40,7 +40,8 @@ class Sybil(TargetedLabelFlip):
     """Targeted label flip from the honest consensus, update boosted, plus tiny per-identity noise."""
 
     name = "sybil"
-    usage = "sybil[:SRC,DST[,BOOST[,NOISE]]]  (classes, default 0,1; BOOST > 0, default 4; NOISE > 0, default 1e-3)"
+    usage = ("sybil[:SRC,DST[,BOOST[,NOISE]]]  (classes, default 0,1; BOOST > 0, default 4; "
+             "NOISE > 0, default 1e-3)")
     merges = True
 
     def __init__(self, source: int = 0, target: int = 1, boost: float = 4.0, noise: float = 1e-3) -> None:

@@ -281,7 +281,8 @@ def test_sybil_poisons_like_a_targeted_flip_and_sends_near_identical_models() ->
     first = attack.craft(own, [], rng=_rng(1))
     second = attack.craft(own, [], rng=_rng(2))  # another identity: another crafting generator
 
-    assert int((py == 1).sum()) >= 2 and int((py == 0).sum()) == 0  # half resampled from class 0, flipped
+    assert int((py == 1).sum()) >= 2
+    assert int((py == 0).sum()) == 0
     assert not torch.equal(first, second)
     assert float((first - second).abs().max()) < 0.01
     assert float(torch.nn.functional.cosine_similarity(first, second, dim=0)) > 0.999
@@ -293,7 +294,8 @@ def test_sybil_makes_its_shard_half_source_class_then_flips_it() -> None:
 
     px, py = make_attack("sybil").poison_data(x, y, 3, rng=_rng())
 
-    assert px.shape == x.shape and py.shape == y.shape
+    assert px.shape == x.shape
+    assert py.shape == y.shape
     assert int((py == 1).sum()) >= 50  # the 50 resampled slots plus original class-0 samples left in place
     assert int((py == 0).sum()) == 0
     assert torch.all(px[py == 1] < 10)  # every sample labelled 1 is one of the class-0 images
@@ -348,7 +350,8 @@ def test_registry_lists_the_valid_names_for_an_unknown_one() -> None:
 @pytest.mark.parametrize("spec", ["sign-flip:0", "sign-flip:x", "sign-flip:1,2", "gaussian:-1",
                                   "gaussian:nan", "alie:0", "alie:1,0", "alie:1,2,3", "ipm:1.5",
                                   "label-flip:3", "targeted-label-flip:1", "targeted-label-flip:1,1",
-                                  "backdoor:1.5", "backdoor:0.5,-1", "sybil:0,1,0", "sybil:0,1,2,0", "free-rider:1"])
+                                  "backdoor:1.5", "backdoor:0.5,-1", "sybil:0,1,0", "sybil:0,1,2,0",
+                                  "free-rider:1"])
 def test_bad_arguments_are_refused(spec: str) -> None:
     with pytest.raises(ValueError, match="must|usage|different|fraction"):
         make_attack(spec)

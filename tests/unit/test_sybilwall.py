@@ -585,7 +585,8 @@ def test_relative_history_sums_what_each_model_adds_to_ours() -> None:
     assert state.histories["p"].round == 2
 
 
-def _merged_swarm(n_honest: int, n_sybils: int, rounds: int, seed: int = 0) -> list[tuple[torch.Tensor, dict]]:
+def _merged_swarm(n_honest: int, n_sybils: int, rounds: int,
+                  seed: int = 0) -> list[tuple[torch.Tensor, dict]]:
     """Rounds of a swarm that mixes well: every model is the common trajectory c(t) plus the sender's own
     update. Honest updates are independent; Sybils stay merged (start from c(t)) and add one boosted
     poisoned direction plus tiny noise. Returns, per round, (own model, received models)."""
@@ -596,7 +597,8 @@ def _merged_swarm(n_honest: int, n_sybils: int, rounds: int, seed: int = 0) -> l
         c = torch.full((D,), 10.0 * t)  # the shared trajectory dominates every model
         own = c + 0.3 * torch.randn(D, generator=g)
         received = {f"h{i}": c + 0.3 * torch.randn(D, generator=g) for i in range(n_honest)}
-        received |= {f"s{i}": c + 4 * 0.3 * poison + 1e-3 * torch.randn(D, generator=g) for i in range(n_sybils)}
+        received |= {f"s{i}": c + 4 * 0.3 * poison + 1e-3 * torch.randn(D, generator=g)
+                     for i in range(n_sybils)}
         out.append((own, received))
     return out
 
@@ -605,10 +607,12 @@ def test_relative_histories_zero_sybils_that_stay_merged_and_keep_honest_peers()
     rule, state = SybilWall(), SybilWallState()
     rounds = _merged_swarm(n_honest=4, n_sybils=5, rounds=4)
     for r, (own, received) in enumerate(rounds, start=1):
-        merged = rule.aggregate(own, received, MergeContext(round=r, state=state, extras={"base": torch.zeros(D)}))
+        ctx = MergeContext(round=r, state=state, extras={"base": torch.zeros(D)})
+        merged = rule.aggregate(own, received, ctx)
 
     w = SybilWall.peer_weights(state, {}, rounds[-1][0])
-    assert all(w[f"s{i}"] == 0.0 for i in range(5)) and all(w[f"h{i}"] == 1.0 for i in range(4))
+    assert all(w[f"s{i}"] == 0.0 for i in range(5))
+    assert all(w[f"h{i}"] == 1.0 for i in range(4))
     own, received = rounds[-1]
     torch.testing.assert_close(merged, (own + sum(received[f"h{i}"] for i in range(4))) / 5)
 

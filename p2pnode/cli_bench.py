@@ -129,6 +129,23 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--json", type=Path, default=c.json_path, help=f"results file (default {c.json_path})")
 
 
+    from p2pnode.bench.spsa import SpsaBenchOptions
+
+    o = SpsaBenchOptions()
+    p = which.add_parser("spsa", allow_abbrev=False, help="one-byte SPSA swarm vs single-node MeZO",
+                         description="An in-process --mode spsa swarm (plus a node joining mid-run) against "
+                                     "one node running as many perturbations: wire bytes per delivered "
+                                     "scalar, held-out loss per perturbation (plot), model agreement.")
+    for name in ("nodes", "rounds", "local_steps", "k", "batch_size", "fanout", "drain_rounds", "join_round"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(o, name),
+                       help=f"default {getattr(o, name)}")
+    for name in ("lr", "eps"):
+        p.add_argument("--" + name, type=float, default=getattr(o, name), help=f"default {getattr(o, name)}")
+    p.add_argument("--task", default=o.task, help=f"task (default {o.task})")
+    p.add_argument("--json", type=Path, default=o.json_path, help=f"results file (default {o.json_path})")
+    p.add_argument("--plot", type=Path, default=o.plot_path, help=f"plot (default {o.plot_path})")
+
+
 def cmd_bench(ns: argparse.Namespace) -> int:
     if ns.bench == "robustness":
         from p2pnode.bench.robustness import RobustnessOptions, run_robustness
@@ -166,6 +183,19 @@ def cmd_bench(ns: argparse.Namespace) -> int:
             print(json.dumps(row))
         ratios = json.dumps(res["attack_over_no_attack"])
         print(f"accuracy under attack / without: {ratios}; results: {ns.json}")
+        return 0
+    if ns.bench == "spsa":
+        from p2pnode.bench.spsa import SpsaBenchOptions, run_spsa_bench
+
+        names = ("nodes", "rounds", "local_steps", "k", "batch_size", "fanout", "drain_rounds", "join_round",
+                 "lr", "eps", "task")
+        result = run_spsa_bench(SpsaBenchOptions(**{n: getattr(ns, n) for n in names}, json_path=ns.json,
+                                                 plot_path=ns.plot))
+        sw, single = result["swarm"], result["single"]
+        print(f"bytes per delivered scalar {sw['bytes_per_delivered_scalar']:.3f}; final held-out loss: "
+              f"swarm {sw['final_loss']:.4f}, single node {single['final_loss']:.4f} (start "
+              f"{sw['curve'][0]['loss']:.4f}); max model difference {sw['max_model_diff_end']:.2e}; "
+              f"joiner after 5 rounds {json.dumps(sw['joiner_max_diff_after_5_rounds'])}; results: {ns.json}")
         return 0
     if ns.bench == "codecs":
         from p2pnode.bench.codecs import run_codec_bench

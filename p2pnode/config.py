@@ -167,8 +167,8 @@ class SpsaConfig:
     k: int = _doc("scalars (perturbations) per SPSA step; a round has local_steps steps", 1)
     eps: float = _doc("perturbation size ε of the two-point estimate", 1e-3)
     lr: float = _doc("SPSA learning rate η: θ ← θ − η ĝ z", 1e-4)
-    drain_rounds: int = _doc("after the last round, rounds of exchange only, so every scalar reaches "
-                             "everyone", 3)
+    drain_rounds: int = _doc("after the last round, at most this many rounds of exchange with every live "
+                             "peer (no producing), until all hold every scalar", 30)
     probe_every: int = _doc("compare the model with peers at 64 fixed coordinates every N rounds "
                             "(0 = never)", 2)
     tolerance: float = _doc("largest probe difference between nodes that applied the same scalars", 1e-4)

@@ -187,8 +187,7 @@ class InprocSwarm:
             if progress is not None:
                 progress(r)
         if self.opts.mode == "spsa":  # exchange only, until every scalar has reached every node
-            for _ in range(self.nodes[0].config.spsa.drain_rounds):
-                await asyncio.gather(*(n.run_round(produce=False) for n in self.nodes))  # type: ignore[call-arg]
+            await asyncio.gather(*(n.drain() for n in self.nodes))  # type: ignore[attr-defined]
         n_eval = self.opts.final_eval_samples
         finals = await asyncio.gather(*(asyncio.to_thread(n.trainer.evaluate, n_eval) for n in self.nodes))
         results = []

@@ -76,6 +76,11 @@ MAX_STEPS_PER_BATCH = 4096
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
 
+def _probe_bytes(values: list[float] | None) -> bytes | None:
+    """A probe on the wire: little-endian float32 (4 bytes per coordinate)."""
+    return None if values is None else np.asarray(values, dtype="<f4").tobytes()
+
+
 def probe_indices(numel: int, size: int = PROBE_SIZE) -> torch.Tensor:
     """The fixed coordinates a probe samples: the same on every node (seeded by ``numel``)."""
     g = torch.Generator().manual_seed(numel)
@@ -98,11 +103,14 @@ class SpsaNode(Node):
         self.step = 0  # our next SPSA step
         self.pending: list[tuple[str, int, int, int]] = []  # received, not yet applied
         self.peer_summaries: dict[str, dict[str, int]] = {}
+        self.peer_finished: dict[str, bool] = {}  # the peer said it produced its last scalar
+        self.finished_producing = False
         self.scalars_produced = 0
         self.scalars_applied = 0
         self.equivocations = 0
         self.resyncs = 0
         self.probe_mismatches = 0
+        self.state_bytes_sent = 0  # replies to state requests (joins, resyncs), part of bytes_sent
         self._idle = asyncio.Event()
         self._idle.set()
         self._probe_idx = probe_indices(trainer.num_params)
@@ -177,7 +185,7 @@ class SpsaNode(Node):
         else:
             batches = self.log.missing_for(known, max_steps=self._max_batch)
         body = [encode_summary(self.log.summary()), [b.sealed for b in batches if b.sealed is not None],
-                self.probe() if probe and not self.pending else None]
+                _probe_bytes(self.probe()) if probe and not self.pending else None, self.finished_producing]
         return msgpack.packb(body, use_bin_type=True)
 
     def _seal(self, kind: str, payload: bytes) -> bytes:
@@ -193,14 +201,18 @@ class SpsaNode(Node):
     def _take(self, sender: str, env: Envelope) -> tuple[dict[str, int], list[float] | None]:
         """Record the batches of a verified gossip envelope; return the sender's summary and probe."""
         body = unpack_limited(env.payload, max_bin=self._max_bytes, max_array=max(3, 1 << 16))
-        if not (isinstance(body, list) and len(body) == 3 and isinstance(body[0], bytes)
-                and isinstance(body[1], list) and (body[2] is None or isinstance(body[2], list))):
-            raise ProtocolError("spsa gossip body must be [summary, [batches], probe | nil]")
+        if not (isinstance(body, list) and len(body) == 4 and isinstance(body[0], bytes)
+                and isinstance(body[1], list) and (body[2] is None or isinstance(body[2], bytes))
+                and isinstance(body[3], bool)):
+            raise ProtocolError("spsa gossip body must be [summary, [batches], probe | nil, finished]")
         summary = decode_summary(body[0], max_origins=self.config.spsa.max_origins)
-        probe = body[2]
-        if probe is not None and (len(probe) != len(self._probe_idx)
-                                  or not all(isinstance(v, float) for v in probe)):
-            raise ProtocolError("probe must hold the fixed number of floats")
+        probe = None
+        if body[2] is not None:
+            if len(body[2]) != 4 * len(self._probe_idx):
+                raise ProtocolError(f"probe must be {4 * len(self._probe_idx)} bytes of float32")
+            probe = np.frombuffer(body[2], dtype="<f4").astype(np.float64).tolist()
+            if not all(np.isfinite(probe)):
+                raise ProtocolError("probe holds NaN or Inf")
         s = self.config.spsa
         for raw in body[1]:
             if not isinstance(raw, bytes):
@@ -214,6 +226,7 @@ class SpsaNode(Node):
             except SpsaError as exc:  # a bad or refused batch costs only itself
                 self._reject(sender, exc)
         self.peer_summaries[sender] = summary
+        self.peer_finished[sender] = body[3]
         return summary, probe
 
     def _check_probe(self, peer: str, summary: dict[str, int], probe: list[float] | None) -> bool:
@@ -237,7 +250,9 @@ class SpsaNode(Node):
                 raise ProtocolError(f"envelope signed by {env.sender}, but the connection is from {sender}")
             if env.kind == KIND_STATE:
                 await self._idle.wait()
-                return self._seal(KIND_STATE, self._state_payload())  # no await in between: consistent
+                reply = self._seal(KIND_STATE, self._state_payload())  # no await in between: consistent
+                self.state_bytes_sent += len(reply)
+                return reply
             summary, probe = self._take(sender, env)
         except ProtocolError as exc:
             self._reject(sender, exc)
@@ -349,16 +364,43 @@ class SpsaNode(Node):
                 "scalars_applied": self.scalars_applied, "equivocations": self.equivocations,
                 "spsa_resyncs": self.resyncs, "probe_mismatches": self.probe_mismatches}
 
+    def settled(self) -> bool:
+        """Every live peer has produced its last scalar and holds exactly the scalars we hold."""
+        ours, live = self.log.summary(), self.membership.live()
+        return not self.pending and all(self.peer_finished.get(p.peer_id, False)
+                                        and self.peer_summaries.get(p.peer_id) == ours for p in live)
+
+    async def _write_round(self, metrics: MetricsWriter, r: RoundReport) -> None:
+        metrics.write("round", **self.counters(), round=r.round, train_loss=r.train_loss,
+                      test_accuracy=r.test_accuracy, test_loss=r.test_loss, peers_in_view=r.peers_in_view,
+                      pulled=r.pulled, pushed_to_us=0)
+        logger.info("round %d: %d scalars produced, %d applied, loss %s", r.round, self.scalars_produced,
+                    self.scalars_applied, r.test_loss)
+
+    async def drain(self, metrics: MetricsWriter | None = None) -> None:
+        """After our last scalar: exchange with every live peer (no producing) until :meth:`settled`, for
+        at most ``spsa.drain_rounds`` rounds, half a second apart."""
+        self.finished_producing = True
+        for _ in range(self.config.spsa.drain_rounds):
+            self.round += 1
+            peers = self.membership.live()
+            await asyncio.gather(*(self._gossip_with(p, probe=False) for p in peers))
+            applied = await self.apply_pending()
+            if metrics is not None:
+                await self._write_round(metrics, RoundReport(round=self.round, train_loss=0.0, pulled=applied,
+                                                             peers_in_view=len(peers), pushed_to_us=0))
+            if self.settled():
+                return
+            await asyncio.sleep(0.5)
+        logger.warning("stopped draining after %d rounds without every peer holding every scalar",
+                       self.config.spsa.drain_rounds)
+
     async def run_rounds(self, metrics: MetricsWriter) -> dict[str, Any]:
-        """The configured rounds, then ``drain_rounds`` of exchange only; return the final evaluation."""
-        total, drain = self.config.gossip.rounds, self.config.spsa.drain_rounds
-        while total == 0 or self.round < total + drain:
-            r = await self.run_round(produce=total == 0 or self.round < total)
-            metrics.write("round", **self.counters(), round=r.round, train_loss=r.train_loss,
-                          test_accuracy=r.test_accuracy, test_loss=r.test_loss, peers_in_view=r.peers_in_view,
-                          pulled=r.pulled, pushed_to_us=0)
-            logger.info("round %d: %d scalars produced, %d applied, loss %s", r.round, self.scalars_produced,
-                        self.scalars_applied, r.test_loss)
+        """The configured rounds, then :meth:`drain`; return the final evaluation."""
+        total = self.config.gossip.rounds
+        while total == 0 or self.round < total:
+            await self._write_round(metrics, await self.run_round())
+        await self.drain(metrics)
         accuracy, loss = await self._busy(self.evaluate)
         return metrics.write("final", **self.counters(), rounds=self.round, round=self.round,
                              test_accuracy=accuracy, test_loss=loss, probe=self.probe(),

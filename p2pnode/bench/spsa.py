@@ -1,0 +1,157 @@
+"""``p2pnode bench spsa``: one-byte SPSA gossip against single-node MeZO with as many perturbations.
+
+Runs, on the in-process runner (the daemon's SpsaNode, signed envelopes, in-memory transport whose
+byte counters see every message):
+
+1. a swarm of ``nodes`` nodes in ``--mode spsa`` for ``rounds`` rounds of ``local_steps`` SPSA steps
+   (``k`` scalars each), then ``drain_rounds`` of exchange only; one extra node joins at round
+   ``join_round`` by fetching the state from running peers;
+2. one node alone running the same total number of perturbations: ``nodes × local_steps`` steps per
+   round for ``rounds`` rounds, with the whole fine-tuning split (the union of the swarm's shards).
+
+Reported: wire bytes per delivered scalar (``bytes_sent`` over all nodes ÷ (scalars produced ×
+(nodes − 1)); the joiner's bytes, the scalars delivered to it and the state sent to it when it
+joined are left out, and reported apart), the held-out loss after every round against the number of
+scalars applied, the largest difference between any two nodes' models at the end, and the joiner's
+largest difference from the others after 5 rounds. Everything goes to a JSON file and a plot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from p2pnode.spsa_node import SpsaNode
+
+
+@dataclass(kw_only=True, slots=True)
+class SpsaBenchOptions:
+    nodes: int = 4
+    rounds: int = 10
+    local_steps: int = 500
+    k: int = 1
+    task: str = "shakespeare-charlm"
+    lr: float = 1e-4
+    eps: float = 1e-3
+    batch_size: int = 16
+    fanout: int = 1
+    drain_rounds: int = 3
+    join_round: int = 4
+    seed: int = 0
+    eval_samples: int = 1000
+    json_path: Path = field(default_factory=lambda: Path("runs/bench-spsa.json"))
+    plot_path: Path = field(default_factory=lambda: Path("docs/bench-spsa.png"))
+
+
+def _options(o: SpsaBenchOptions, nodes: int, steps: int) -> Any:
+    from p2pnode.inproc import InprocOptions
+
+    spsa = {"lr": o.lr, "eps": o.eps, "k": o.k, "drain_rounds": o.drain_rounds, "probe_every": 2}
+    return InprocOptions(nodes=nodes, rounds=o.rounds, task=o.task, fanout=o.fanout, mode="spsa",
+                         local_steps=steps, batch_size=o.batch_size, seed=o.seed, eval_samples=o.eval_samples,
+                         final_eval_samples=o.eval_samples, extra={"spsa": spsa})
+
+
+def _spsa_nodes(swarm: Any) -> list[SpsaNode]:
+    nodes = [n for n in swarm.nodes if isinstance(n, SpsaNode)]
+    if len(nodes) != len(swarm.nodes):
+        raise TypeError("expected an --mode spsa swarm")
+    return nodes
+
+
+def _max_diff(nodes: list[Any]) -> float:
+    models = torch.stack([n.trainer.get_flat() for n in nodes])
+    return float((models - models[0]).abs().max())
+
+
+async def _swarm_run(o: SpsaBenchOptions) -> dict[str, Any]:
+    from p2pnode.inproc import InprocSwarm
+
+    swarm = InprocSwarm(_options(o, o.nodes + 1, o.local_steps))
+    *nodes, joiner = _spsa_nodes(swarm)
+    record = swarm.registry.pop(joiner.identity.peer_id)
+    for n in nodes:
+        await n.transport.start(n.serve)
+    curve: list[dict[str, Any]] = [{"round": 0, "scalars": 0, "loss": nodes[0].evaluate()[1]}]
+    joiner_diff = None
+    members = list(nodes)
+    for r in range(1, o.rounds + 1):
+        if r == o.join_round:
+            swarm.registry[record.peer_id] = record
+            await joiner.transport.start(joiner.serve)
+            joiner.config.spsa.join = True
+            members.append(joiner)
+        await asyncio.gather(*(n.run_round() for n in members))
+        if joiner in members and r == o.join_round + 4:  # the joiner's 5th round
+            joiner_diff = {"joiner_vs_node0": _max_diff([nodes[0], joiner]),
+                           "node1_vs_node0": _max_diff([nodes[0], nodes[1]]) if len(nodes) > 1 else None,
+                           "joiner_applied": joiner.scalars_applied,
+                           "node0_applied": nodes[0].scalars_applied}
+        curve.append({"round": r, "scalars": nodes[0].scalars_applied, "loss": nodes[0].evaluate()[1]})
+    await asyncio.gather(*(n.drain() for n in members))
+    produced = sum(n.scalars_produced for n in nodes)
+    state = sum(n.state_bytes_sent for n in nodes)
+    sent = sum(n.transport.stats.bytes_sent for n in nodes) - state
+    return {"curve": curve, "final_loss": nodes[0].evaluate()[1], "scalars_produced": produced,
+            "joiner_scalars_produced": joiner.scalars_produced,
+            "bytes_sent_excluding_joiner_and_state": sent, "state_bytes_sent": state,
+            "bytes_per_delivered_scalar": sent / (produced * (o.nodes - 1)),
+            "max_model_diff_end": _max_diff(members), "joiner_max_diff_after_5_rounds": joiner_diff,
+            "applied": [n.scalars_applied for n in members],
+            "equivocations": sum(n.equivocations for n in members),
+            "rejected": sum(n.messages_rejected for n in members)}
+
+
+async def _single_run(o: SpsaBenchOptions) -> dict[str, Any]:
+    from p2pnode.inproc import InprocSwarm
+
+    opts = _options(o, 1, o.nodes * o.local_steps)
+    (node,) = _spsa_nodes(InprocSwarm(opts))
+    curve: list[dict[str, Any]] = [{"round": 0, "scalars": 0, "loss": node.evaluate()[1]}]
+    for r in range(1, o.rounds + 1):
+        await node.run_round()
+        curve.append({"round": r, "scalars": node.scalars_applied, "loss": node.evaluate()[1]})
+    return {"curve": curve, "final_loss": curve[-1]["loss"], "scalars_produced": node.scalars_produced}
+
+
+def run_spsa_bench(o: SpsaBenchOptions) -> dict[str, Any]:
+    """Both runs, the JSON and the plot; returns the result."""
+    torch.set_num_threads(1)
+    t0 = time.time()
+    swarm = asyncio.run(_swarm_run(o))
+    t1 = time.time()
+    single = asyncio.run(_single_run(o))
+    t2 = time.time()
+    result = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(o).items()},
+              "swarm": {**swarm, "wall_time_s": t1 - t0}, "single": {**single, "wall_time_s": t2 - t1}}
+    o.json_path.parent.mkdir(parents=True, exist_ok=True)
+    o.json_path.write_text(json.dumps(result, indent=2) + "\n")
+    plot_curves(result, o.plot_path)
+    return result
+
+
+def plot_curves(result: dict[str, Any], out: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    n = result["options"]["nodes"]
+    for key, label in (("swarm", f"swarm of {n} (one-byte gossip)"), ("single", "one node, MeZO")):
+        curve = result[key]["curve"]
+        ax.plot([c["scalars"] for c in curve], [c["loss"] for c in curve], marker="o", label=label)
+    ax.set_xlabel("perturbations applied to the model")
+    ax.set_ylabel("held-out loss (nats/char)")
+    ax.set_title(f"SPSA fine-tuning: {result['options']['task']}")
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out

@@ -118,7 +118,8 @@ def node_fields() -> list[FlagField]:
 
 def flag_names(flds: list[FlagField]) -> dict[str, str]:
     """Map each dotted path to its flag (without dashes); see the module docstring for the rule."""
-    counts = Counter(f.key for f in flds)
+    # sections with their own prefix never clash with the others, so they take no part in the count
+    counts = Counter(f.key for f in flds if f.path.rpartition(".")[0] not in _SECTION_PREFIX)
     names = {}
     for f in flds:
         section = f.path.rpartition(".")[0]
@@ -141,7 +142,7 @@ def _metavar(f: FlagField) -> str:
     if f.path == "task.shard":
         return "INDEX[/COUNT]"
     if f.kind is list:
-        return "MADDR"
+        return "PEER_ID" if f.path == "attack.allies" else "MADDR"
     if f.kind is int:
         return "N"
     if f.kind is float:

@@ -9,8 +9,13 @@ trainable parameters. One projected-gradient scalar is
 and every node applies every published scalar as ``θ ← θ − η ĝ z(s)``. These updates are additions,
 so they commute: applying a set of scalars in any order gives the same model up to fp32 rounding.
 
+Which parameters are perturbed is :func:`spsa_parameters`: the model's own ``spsa_parameters()``
+list if it defines one (e.g. only the 192-parameter logit adapter of
+:class:`p2pnode.tasks.charlm.AdaptedCharGRU`: SPSA with the one-byte code does not move tens of
+thousands of weights in a few thousand scalars), else every trainable parameter.
+
 ``z`` is never stored beyond one use: :func:`perturbation` regenerates it from the seed, tensor by
-tensor (trainable parameters in ``model.parameters()`` order), from a CPU ``torch.Generator``
+tensor (in :func:`spsa_parameters` order), from a CPU ``torch.Generator``
 seeded with ``seed``; each tensor is drawn in float32 on the CPU and then moved to the parameter's
 device and dtype. CPU and CUDA models therefore get bit-identical ``z``. (Two CPU hosts agree as
 long as they run the same torch version on the same instruction-set path: torch's vectorised
@@ -31,7 +36,7 @@ import torch
 from torch import nn
 
 __all__ = ["apply_scalar_", "apply_scalars_", "max_abs_diff", "model_fingerprint", "perturbation",
-           "spsa_scalar", "trainable_parameters"]  # fmt: skip
+           "spsa_parameters", "spsa_scalar", "trainable_parameters"]  # fmt: skip
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor | float]
 
@@ -41,13 +46,35 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def spsa_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters SPSA perturbs and updates, in a fixed order.
+
+    ``model.spsa_parameters()`` if the model has that method (it must return parameters of the
+    model, each at most once), else :func:`trainable_parameters`. :func:`spsa_scalar` and
+    :func:`apply_scalar_` use this; parameters outside it are never touched.
+
+    Raises
+    ------
+    ValueError
+        ``model.spsa_parameters()`` returns something that is not a distinct parameter of ``model``.
+    """
+    method = getattr(model, "spsa_parameters", None)
+    if not callable(method):
+        return trainable_parameters(model)
+    params = list(method())
+    own = {id(p) for p in model.parameters()}
+    if len({id(p) for p in params}) != len(params) or any(id(p) not in own for p in params):
+        raise ValueError("spsa_parameters() must return distinct parameters of the model")
+    return params
+
+
 def perturbation(params: Iterable[torch.Tensor], seed: int) -> Iterator[torch.Tensor]:
     """Yield ``z(seed)`` tensor by tensor, each shaped, typed and placed like its parameter.
 
     Parameters
     ----------
     params
-        The tensors to perturb, in a fixed order (see :func:`trainable_parameters`).
+        The tensors to perturb, in a fixed order (see :func:`spsa_parameters`).
     seed
         Any int; used modulo ``2**64``.
 
@@ -73,7 +100,7 @@ def spsa_scalar(model: nn.Module, loss_fn: LossFn, batch: Any, seed: int, eps: f
     Parameters
     ----------
     model
-        Its trainable parameters are perturbed in place and then restored *exactly*: they are
+        Its :func:`spsa_parameters` are perturbed in place and then restored *exactly*: they are
         copied before and copied back after (bit-identical, at the cost of one copy of the
         parameters; regenerating ``z`` to undo the shift would leave fp32 rounding residue).
     loss_fn
@@ -89,11 +116,11 @@ def spsa_scalar(model: nn.Module, loss_fn: LossFn, batch: Any, seed: int, eps: f
     Raises
     ------
     ValueError
-        ``eps <= 0``, the model has no trainable parameters, or a loss is not finite.
+        ``eps <= 0``, the model has no parameters to perturb, or a loss is not finite.
     """
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    params = trainable_parameters(model)
+    params = spsa_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters")
     saved = [p.detach().clone() for p in params]
@@ -112,7 +139,7 @@ def spsa_scalar(model: nn.Module, loss_fn: LossFn, batch: Any, seed: int, eps: f
 
 @torch.no_grad()
 def apply_scalar_(model: nn.Module, seed: int, g_hat: float, lr: float) -> None:
-    """Apply one scalar in place: ``θ ← θ − lr · ĝ · z(seed)`` over the trainable parameters.
+    """Apply one scalar in place: ``θ ← θ − lr · ĝ · z(seed)`` over :func:`spsa_parameters`.
 
     Raises
     ------
@@ -122,7 +149,7 @@ def apply_scalar_(model: nn.Module, seed: int, g_hat: float, lr: float) -> None:
     step = -float(lr) * float(g_hat)
     if not math.isfinite(step):
         raise ValueError(f"non-finite update: lr={lr}, g_hat={g_hat}")
-    _shift_(trainable_parameters(model), seed, step)
+    _shift_(spsa_parameters(model), seed, step)
 
 
 def apply_scalars_(model: nn.Module, scalars: Iterable[tuple[int, float]], lr: float) -> int:

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from p2pnode.errors import TaskError
+from p2pnode.spsa import apply_scalar_, spsa_parameters, spsa_scalar
 from p2pnode.tasks import ShardSpec, make_task
 from p2pnode.tasks.charlm import (
+    ADAPTER_KEYS,
     CONTEXT,
     FINETUNE_FILES,
     PRETRAIN_FILES,
@@ -21,17 +23,25 @@ from p2pnode.tasks.charlm import (
     TEST_FILES,
     VOCAB,
     VOCAB_SIZE,
+    AdaptedCharGRU,
     CharGRU,
     PretrainRecipe,
     ShakespeareCharLMTask,
+    adapter_gain,
     decode_text,
     encode_text,
     evaluate_loss,
     make_windows,
+    prepare_spsa_batch,
     pretrain,
+    sample_windows,
     save_weights,
+    sequence_loss,
+    spsa_loss,
 )
 from p2pnode.tasks.fashion_mnist import cache_dir
+from p2pnode.trainer import flatten_state
+from protocols.spsa import decode_scalar, derive_seed, encode_scalar
 
 # Each part of the split gets its own alphabet, so a window tells which part it came from.
 ALPHABETS = {PRETRAIN_FILES: string.ascii_uppercase, FINETUNE_FILES: string.ascii_lowercase,
@@ -183,7 +193,9 @@ def test_pretrained_weights_are_required_and_loaded(tmp_path: Path, cache_env: P
     model = pretrain(texts, PretrainRecipe(steps=3, batch_size=4, seed=1))
     save_weights(model, cache_dir() / "shakespeare-charlm-pretrained.npz")
     loaded = ShakespeareCharLMTask(str(tmp_path)).build_model(123)
+    assert isinstance(loaded, AdaptedCharGRU)  # plain CharGRU weights + a zero (identity) adapter
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert all(not loaded.state_dict()[k].any() for k in ADAPTER_KEYS)
     (cache_env / "bad.npz").write_bytes(b"not an npz")
     with pytest.raises(TaskError, match="cannot load"):
         ShakespeareCharLMTask(str(tmp_path), weights=str(cache_env / "bad.npz")).build_model(0)
@@ -214,3 +226,88 @@ def test_real_pretrained_model_beats_random_init(monkeypatch: pytest.MonkeyPatch
         torch.set_num_threads(threads)
     assert pretrained < random_init - 1.0
     assert pretrained < 2.5
+
+
+def test_adapter_starts_as_an_exact_identity() -> None:
+    torch.manual_seed(0)
+    plain = CharGRU()
+    adapted = AdaptedCharGRU()
+    missing, unexpected = adapted.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == sorted(ADAPTER_KEYS)
+    assert not unexpected
+    x = torch.randint(0, VOCAB_SIZE, (3, 20)).float()
+    with torch.no_grad():
+        assert torch.equal(adapted.sequence_logits(x), plain.sequence_logits(x))
+        assert torch.equal(adapted(x), plain(x))
+    gain = adapter_gain()
+    assert gain.shape == (VOCAB_SIZE,)
+    assert 0.2 < float(gain.min()) < float(gain.max()) < 3.0
+    assert float(gain[VOCAB.index(" ")]) == float(gain.min())  # the most frequent character
+
+
+def test_spsa_parameters_are_exactly_the_adapter_and_in_the_flat_state() -> None:
+    model = ShakespeareCharLMTask(pretrained=False).build_model(0)
+    assert isinstance(model, AdaptedCharGRU)
+    params = spsa_parameters(model)
+    assert [id(p) for p in params] == [id(model.logit_scale), id(model.logit_bias)]
+    assert sum(p.numel() for p in params) == 2 * VOCAB_SIZE
+    assert list(model.state_dict())[:2] == list(ADAPTER_KEYS)  # own parameters come first
+    assert "adapter_gain" not in model.state_dict()
+    assert flatten_state(model).numel() == 77_664 + 2 * VOCAB_SIZE
+    backbone = {k: v.clone() for k, v in model.state_dict().items() if k not in ADAPTER_KEYS}
+    batch = (torch.randint(0, VOCAB_SIZE, (4, 16)).float(), torch.randint(0, VOCAB_SIZE, (4,)))
+    g = spsa_scalar(model, spsa_loss, batch, seed=5, eps=1e-3)
+    apply_scalar_(model, 5, g, lr=0.1)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in backbone.items())
+    assert float(model.logit_bias.detach().abs().sum()) > 0
+    plain = ShakespeareCharLMTask(pretrained=False, adapter=False).build_model(0)
+    assert type(plain) is CharGRU
+    assert all(torch.equal(v, backbone[k]) for k, v in plain.state_dict().items())
+
+
+def test_spsa_loss_on_prepared_features_equals_the_loss_on_windows() -> None:
+    model = AdaptedCharGRU()
+    with torch.no_grad():
+        model.logit_bias.normal_()
+        model.logit_scale.normal_(std=0.1)
+    x, y = torch.randint(0, VOCAB_SIZE, (10, 12)).float(), torch.randint(0, VOCAB_SIZE, (10,))
+    batch = sample_windows(x, y, 6, torch.Generator().manual_seed(0))
+    assert batch[0].shape == (6, 12)
+    with torch.no_grad():
+        direct = spsa_loss(model, batch)
+        assert torch.allclose(spsa_loss(model, prepare_spsa_batch(model, batch)), direct)
+        assert torch.allclose(direct, sequence_loss(model, batch))
+    with pytest.raises(TypeError, match="AdaptedCharGRU"):
+        prepare_spsa_batch(CharGRU(), batch)
+    with pytest.raises(ValueError, match="cannot draw"):
+        sample_windows(batch[0][:0], batch[1][:0], 4, torch.Generator())
+
+
+def test_adapter_weights_round_trip_and_foreign_keys_are_refused(tmp_path: Path) -> None:
+    model = AdaptedCharGRU()
+    with torch.no_grad():
+        model.logit_bias.fill_(0.5)
+    save_weights(model, tmp_path / "adapted.npz")
+    again = ShakespeareCharLMTask(weights=str(tmp_path / "adapted.npz")).build_model(0)
+    assert torch.equal(again.state_dict()["logit_bias"], model.logit_bias.detach())
+    with pytest.raises(TaskError, match="unexpected"):
+        ShakespeareCharLMTask(weights=str(tmp_path / "adapted.npz"), adapter=False).build_model(0)
+
+
+def test_one_byte_spsa_on_the_adapter_lowers_the_loss() -> None:
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    text = encode_text("".join(rng.choice(list("et \n"), p=[0.5, 0.2, 0.2, 0.1], size=4000)))
+    x, y = make_windows([text], context=16, stride=16)
+    model = ShakespeareCharLMTask(pretrained=False).build_model(0).eval()
+    with torch.no_grad():
+        start = float(spsa_loss(model, (x, y)))
+    generator = torch.Generator().manual_seed(1)
+    for step in range(300):
+        batch = prepare_spsa_batch(model, sample_windows(x, y, 16, generator))
+        seed = derive_seed("test", step, 0)
+        g = spsa_scalar(model, spsa_loss, batch, seed, eps=1e-3)
+        apply_scalar_(model, seed, decode_scalar(encode_scalar(g)), lr=0.05)
+    with torch.no_grad():
+        end = float(spsa_loss(model, (x, y)))
+    assert end < start - 0.8, (start, end)  # 4.58 -> 3.46 nats/char here

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import random
 
 import pytest
@@ -16,6 +17,7 @@ from p2pnode.spsa import (
     max_abs_diff,
     model_fingerprint,
     perturbation,
+    spsa_parameters,
     spsa_scalar,
     trainable_parameters,
 )
@@ -147,3 +149,42 @@ def test_fingerprint_and_max_abs_diff() -> None:
     assert max_abs_diff(a, b) == pytest.approx(0.01, rel=1e-3)
     with pytest.raises(ValueError, match="differ in size"):
         max_abs_diff(a, nn.Linear(2, 2))
+
+
+class HeadOnly(nn.Module):
+    """A model that declares its own SPSA subset (like AdaptedCharGRU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+    def spsa_parameters(self) -> list[nn.Parameter]:
+        return [self.head.bias]
+
+
+def test_spsa_parameters_follow_the_model_and_nothing_else_moves() -> None:
+    torch.manual_seed(0)
+    model = HeadOnly()
+    assert spsa_parameters(model) == [model.head.bias]
+    assert len(spsa_parameters(make_model())) == 4  # no method: every trainable parameter
+    before = copy.deepcopy(model.state_dict())
+    batch = (torch.randn(16, 8), torch.randn(16, 1))
+    assert math.isfinite(spsa_scalar(model, mse, batch, seed=3))
+    apply_scalar_(model, 3, 1.0, lr=0.1)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "head.bias")
+    assert not torch.equal(before["head.bias"], after["head.bias"])
+
+
+def test_spsa_parameters_refuse_foreign_or_repeated_tensors() -> None:
+    model = HeadOnly()
+    model.spsa_parameters = lambda: [nn.Parameter(torch.zeros(1))]  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="distinct parameters"):
+        spsa_parameters(model)
+    model.spsa_parameters = lambda: [model.head.bias, model.head.bias]  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="distinct parameters"):
+        spsa_parameters(model)

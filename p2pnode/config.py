@@ -129,6 +129,8 @@ class GossipConfig:
     codec: str = _doc("model exchange codec NAME[:ARGS]: dense | fp16 | bf16 | int8 | topk:RATIO | "
                       "powersgd:RANK | terngrad; every codec but dense sends the difference to a per-peer "
                       "reference", "dense")
+    overlap: bool = _doc("run the next round's local steps while this round's exchange is in flight (the "
+                         "merge is applied as a delta, so they are kept)", False)
     codec_peers: int = _doc("peers whose codec references are kept (least recently used dropped)", 32)
     max_inbox: int = _doc("most pushed models kept between two merges (latest per peer)", 64)
     wait_peers: int = _doc("wait (up to wait_peers_s) for this many live peers before round 1", 0)

@@ -189,6 +189,8 @@ class Node:
         self.wire = ModelWire(config.gossip.codec, layout=layout, init=trainer.get_flat(),
                               spec_fingerprint=self.fingerprint,
                               capacity=config.gossip.codec_peers)
+        self._next_training: asyncio.Future[float] | None = None  # --overlap
+        self._next_start: torch.Tensor | None = None
         self._inflight: set[str] = set()  # peers we have a request out to (compressed codecs: one at a time)
         self.inbox = Inbox(config.gossip.max_inbox)
         self.round = 0
@@ -311,8 +313,12 @@ class Node:
         """Train H steps, exchange with k sampled peers, merge, maybe evaluate."""
         cfg = self.config
         self.round += 1
-        start = await asyncio.to_thread(self.trainer.get_flat) if self.extension is not None else None
-        loss = await asyncio.to_thread(self.local_training, cfg.task.local_steps)
+        if self._next_training is not None:  # --overlap: these steps ran during the last exchange
+            start, loss = self._next_start, await self._next_training
+            self._next_training = None
+        else:
+            start = await asyncio.to_thread(self.trainer.get_flat) if self.extension is not None else None
+            loss = await asyncio.to_thread(self.local_training, cfg.task.local_steps)
         sent = await asyncio.to_thread(self.trainer.get_flat)
         if not torch.isfinite(sent).all():
             sent = await self._recover_from_divergence(loss)
@@ -320,6 +326,12 @@ class Node:
         if self.extension is not None:
             self.extension.note_own_model(sent, round=self.round, start=start)
         peers = self._pick_peers(sent, cfg.gossip.fanout)
+        if cfg.gossip.overlap and (cfg.gossip.rounds == 0 or self.round < cfg.gossip.rounds):
+            # the next round's local steps run while this exchange is in flight; the merge below lands
+            # on the live model as a delta, so those steps are kept
+            self._next_start = sent
+            self._next_training = asyncio.ensure_future(
+                asyncio.to_thread(self.local_training, cfg.task.local_steps))
         pulled = await self.exchange(peers, sent)
         pushed = self.inbox.drain()
         received = self.wire.inputs(sent, {**pushed, **pulled})  # a pulled model is as fresh as a pushed one

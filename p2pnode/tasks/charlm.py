@@ -34,9 +34,10 @@ and bias, preconditioned by fixed per-character gains) and SPSA perturbs only th
 :func:`spsa_loss` (all-position loss) on :func:`sample_windows` batches of
 ``SPSA_DEFAULTS.batch_size`` windows, ``lr = SPSA_DEFAULTS.lr`` and ``eps = SPSA_DEFAULTS.eps``; since
 the GRU is frozen under SPSA, :func:`prepare_spsa_batch` runs it once per batch instead of once per
-loss. Measured on one fine-tuning shard of four (``scripts/spsa_finetune_study.py``): held-out loss
-1.736 → about 1.72 after 2,000 one-byte scalars and 1.715 after 10,000 (first-order Adam on the
-same adapter: 1.706; on all weights, 300 SGD steps: 1.627).
+loss. Measured on one fine-tuning shard of four (``scripts/spsa_finetune_study.py``, one thread):
+held-out loss 1.736 → 1.725 after 1,000 one-byte scalars, 1.718 after 10,000, 1.713 after 20,000,
+about 25-35 s per 1,000 scalars (first-order Adam on the same adapter: 1.706; on all weights,
+300 SGD steps: 1.627).
 """
 
 from __future__ import annotations
@@ -247,6 +248,35 @@ class ShakespeareCharLMTask(Task):
         self.pretrained = pretrained
         self.weights = Path(weights) if weights else cache_dir() / WEIGHTS_FILE
         self.adapter = adapter
+        # (model, x, y, version key, GRU outputs) of the last batch of spsa_loss
+        self._features: tuple[nn.Module, torch.Tensor, torch.Tensor, object, CharLMFeatures] | None = None
+
+    def spsa_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """:func:`spsa_loss` of ``(x, y)`` windows, running the frozen GRU once per batch, not per call.
+
+        The two losses of one SPSA scalar see the same batch object and an unchanged GRU (SPSA moves
+        only the adapter), so the GRU outputs of the last batch are kept and reused while ``x`` is
+        the same tensor, unmodified, and the model and its backbone parameters are the same, unmodified
+        (tensor version counters); anything else recomputes them. Plain :class:`CharGRU` models get
+        :func:`sequence_loss`.
+        """
+        if not isinstance(model, AdaptedCharGRU):
+            return spsa_loss(model, batch)
+        x, y = batch
+        key = (x._version, y._version,
+               tuple((id(p), p._version) for n, p in model.named_parameters() if n not in ADAPTER_KEYS))
+        cached = self._features
+        if (cached is not None and cached[0] is model and cached[1] is x and cached[2] is y
+                and cached[3] == key):
+            features = cached[4]
+        else:
+            features = prepare_spsa_batch(model, batch)
+            self._features = (model, x, y, key, features)
+        return spsa_loss(model, features)
+
+    def held_out_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Mean last-position cross-entropy (nats/char) on ``(x, y)``: :func:`evaluate_loss`."""
+        return evaluate_loss(model, x, y)
 
     def build_model(self, seed: int) -> nn.Module:
         """Return the pretrained model (``seed`` is then unused) or a seeded random one.

@@ -311,3 +311,27 @@ def test_one_byte_spsa_on_the_adapter_lowers_the_loss() -> None:
     with torch.no_grad():
         end = float(spsa_loss(model, (x, y)))
     assert end < start - 0.8, (start, end)  # 4.58 -> 3.46 nats/char here
+
+
+def test_task_spsa_loss_reuses_the_gru_outputs_only_while_nothing_changed() -> None:
+    task = ShakespeareCharLMTask(pretrained=False)
+    model = task.build_model(0)
+    assert isinstance(model, AdaptedCharGRU)
+    x, y = torch.randint(0, VOCAB_SIZE, (4, 16)).float(), torch.randint(0, VOCAB_SIZE, (4,))
+    with torch.no_grad():
+        first = task.spsa_loss(model, (x, y))
+        assert task._features is not None
+        hidden = task._features[4].hidden
+        model.logit_bias.add_(0.3)  # the adapter moves: the GRU outputs stay valid
+        second = task.spsa_loss(model, (x, y))
+        assert task._features[4].hidden is hidden
+        assert torch.allclose(second, sequence_loss(model, (x, y)))
+        assert not torch.equal(first, second)
+        model.get_parameter("gru.bias_hh_l0").add_(0.5)  # the backbone moves: recomputed
+        assert torch.allclose(task.spsa_loss(model, (x, y)), sequence_loss(model, (x, y)))
+        assert task._features[4].hidden is not hidden
+        x[0, 0] = 1.0  # the windows change in place: recomputed
+        assert torch.allclose(task.spsa_loss(model, (x, y)), sequence_loss(model, (x, y)))
+    assert task.held_out_loss(model, x, y) == pytest.approx(evaluate_loss(model, x, y))
+    plain = ShakespeareCharLMTask(pretrained=False, adapter=False).build_model(0)
+    assert torch.allclose(task.spsa_loss(plain, (x, y)), sequence_loss(plain, (x, y)))

@@ -182,3 +182,41 @@ def test_a_node_whose_local_training_diverges_restores_its_last_finite_model() -
         assert not a.trainer.optimizer.state, "momentum buffers were dropped"
 
     asyncio.run(scenario())
+
+
+def test_with_overlap_the_next_local_steps_run_during_the_exchange_and_are_kept() -> None:
+    async def scenario() -> None:
+        network = MemoryNetwork()
+        a, b = _node(network, 0), _node(network, 1)
+        a.membership.peers.append(_record(b.identity.peer_id))  # type: ignore[attr-defined]
+        a.config.gossip.overlap, a.config.gossip.rounds = True, 3
+
+        async def slow_serve(sender: str, request: bytes) -> bytes:
+            await asyncio.sleep(0.5)  # a slow peer: A's next 5 steps finish before the reply comes
+            return await b.serve(sender, request)
+
+        await a.transport.start(a.serve)
+        await b.transport.start(slow_serve)
+        trained: list[torch.Tensor] = []
+        train = a.local_training
+
+        def recording(steps: int) -> float:
+            loss = train(steps)
+            trained.append(a.trainer.get_flat())
+            return loss
+
+        a.local_training = recording  # type: ignore[method-assign]
+        theta_b = b.trainer.get_flat()
+
+        await a.run_round()
+
+        sent = b.inbox.drain()[a.identity.peer_id]
+        assert a.trainer.steps_done == 10  # round 1's 5 steps, and round 2's 5 during the exchange
+        assert len(trained) == 2
+        merged = (sent + theta_b) / 2
+        # the merge landed as a delta on the model the overlapped steps produced: they are kept
+        torch.testing.assert_close(a.trainer.get_flat(), trained[1] + (merged - sent))
+        await a.run_round()  # consumes the overlapped steps: no new steps before its exchange
+        assert a.trainer.steps_done == 15
+
+    asyncio.run(scenario())

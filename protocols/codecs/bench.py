@@ -20,6 +20,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -75,13 +76,15 @@ def _bench_hivemind(layout_name: str, x: torch.Tensor, repeats: int) -> list[dic
         return []
     info = CompressionInfo.from_tensor(x)
     rows = []
-    for name, comp in (("hivemind:fp16", Float16Compression()),
-                       ("hivemind:scaled-fp16", ScaledFloat16Compression())):
-        serialized = comp.compress(x, info, allow_inplace=False)
-        t_enc = _median_seconds(functools.partial(comp.compress, x, info, allow_inplace=False), repeats)
-        t_dec = _median_seconds(functools.partial(comp.extract, serialized), repeats)
-        rows.append(_row(layout_name, name, x, len(serialized.SerializeToString()), t_enc, t_dec,
-                         comp.extract(serialized)))
+    with warnings.catch_warnings():  # hivemind's extract wraps read-only buffers (torch warns once)
+        warnings.simplefilter("ignore", UserWarning)
+        for name, comp in (("hivemind:fp16", Float16Compression()),
+                           ("hivemind:scaled-fp16", ScaledFloat16Compression())):
+            serialized = comp.compress(x, info, allow_inplace=False)
+            t_enc = _median_seconds(functools.partial(comp.compress, x, info, allow_inplace=False), repeats)
+            t_dec = _median_seconds(functools.partial(comp.extract, serialized), repeats)
+            rows.append(_row(layout_name, name, x, len(serialized.SerializeToString()), t_enc, t_dec,
+                             comp.extract(serialized)))
     return rows
 
 

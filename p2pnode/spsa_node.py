@@ -173,10 +173,12 @@ class SpsaNode(Node):
         return self.trainer.get_flat()[self._probe_idx].tolist()
 
     # -- wire --------------------------------------------------------------------------------------
-    def _gossip_body(self, peer: str, probe: bool, *, request: bool) -> bytes:
+    def _gossip_body(self, peer: str, probe: bool, *, request: bool, summary: bool = True) -> bytes:
         """A request pushes only our own batches the peer lacks (by the last summary we saw of it: nobody
-        else can have sent them yet); a reply carries everything the requester lacks by the summary it
-        just sent. Pushing others' batches on a stale summary would mostly send duplicates."""
+        else can have sent them yet) and always carries our summary; a reply carries everything the
+        requester lacks by the summary it just sent, and our summary only when the requester needs it
+        (it probes, or it is draining). Pushing others' batches on a stale summary would mostly send
+        duplicates; a summary is ~60 bytes per origin, so replies leave it out when they can."""
         known = self.peer_summaries.get(peer, {})
         if request:
             me = self.identity.peer_id
@@ -184,7 +186,8 @@ class SpsaNode(Node):
                        if b.origin == me]
         else:
             batches = self.log.missing_for(known, max_steps=self._max_batch)
-        body = [encode_summary(self.log.summary()), [b.sealed for b in batches if b.sealed is not None],
+        body = [encode_summary(self.log.summary()) if summary else b"",
+                [b.sealed for b in batches if b.sealed is not None],
                 _probe_bytes(self.probe()) if probe and not self.pending else None, self.finished_producing]
         return msgpack.packb(body, use_bin_type=True)
 
@@ -198,14 +201,15 @@ class SpsaNode(Node):
             raise ProtocolError(f"envelope signed by {env.sender}, but the connection is from {sender}")
         return env
 
-    def _take(self, sender: str, env: Envelope) -> tuple[dict[str, int], list[float] | None]:
-        """Record the batches of a verified gossip envelope; return the sender's summary and probe."""
+    def _take(self, sender: str, env: Envelope) -> tuple[dict[str, int] | None, list[float] | None]:
+        """Record the batches of a verified gossip envelope; return the sender's summary (None if it
+        sent none) and probe."""
         body = unpack_limited(env.payload, max_bin=self._max_bytes, max_array=max(3, 1 << 16))
         if not (isinstance(body, list) and len(body) == 4 and isinstance(body[0], bytes)
                 and isinstance(body[1], list) and (body[2] is None or isinstance(body[2], bytes))
                 and isinstance(body[3], bool)):
             raise ProtocolError("spsa gossip body must be [summary, [batches], probe | nil, finished]")
-        summary = decode_summary(body[0], max_origins=self.config.spsa.max_origins)
+        summary = decode_summary(body[0], max_origins=self.config.spsa.max_origins) if body[0] else None
         probe = None
         if body[2] is not None:
             if len(body[2]) != 4 * len(self._probe_idx):
@@ -225,14 +229,15 @@ class SpsaNode(Node):
                 logger.warning("origin %s equivocated (%s): banned", exc.args[0] if exc.args else "?", exc)
             except SpsaError as exc:  # a bad or refused batch costs only itself
                 self._reject(sender, exc)
-        self.peer_summaries[sender] = summary
+        if summary is not None:
+            self.peer_summaries[sender] = summary
         self.peer_finished[sender] = body[3]
         return summary, probe
 
-    def _check_probe(self, peer: str, summary: dict[str, int], probe: list[float] | None) -> bool:
+    def _check_probe(self, peer: str, summary: dict[str, int] | None, probe: list[float] | None) -> bool:
         """True if the peer's probe disagrees with us beyond the tolerance (same summary, none pending)."""
         ours = self.probe()
-        if probe is None or ours is None or self.pending or summary != self.log.summary():
+        if probe is None or ours is None or summary is None or self.pending or summary != self.log.summary():
             return False
         diff = float(np.max(np.abs(np.asarray(probe) - np.asarray(ours))))
         if diff > self.config.spsa.tolerance:
@@ -259,7 +264,9 @@ class SpsaNode(Node):
             raise MessageRejected(str(exc), peer=sender) from exc
         self.membership.mark_alive(sender)
         self._check_probe(sender, summary, probe)
-        return self._seal(KIND_GOSSIP, self._gossip_body(sender, probe=probe is not None, request=False))
+        wants = probe is not None or self.peer_finished.get(sender, False)
+        return self._seal(KIND_GOSSIP, self._gossip_body(sender, probe=probe is not None, request=False,
+                                                         summary=wants))
 
     async def _gossip_with(self, peer: MembershipRecord, probe: bool) -> bool:
         """One push-pull exchange; True if the peer's probe says we diverged."""
@@ -278,6 +285,9 @@ class SpsaNode(Node):
         except ProtocolError as exc:
             self._reject(peer.peer_id, exc)
             return False
+        if summary is None:  # the reply confirms the peer took our own batches from the request
+            me = self.identity.peer_id
+            self.peer_summaries.setdefault(peer.peer_id, {})[me] = self.log.summary().get(me, -1)
         return self._check_probe(peer.peer_id, summary, their_probe)
 
     # -- state transfer (join and resync) ------------------------------------------------------------
@@ -364,6 +374,10 @@ class SpsaNode(Node):
                 "scalars_applied": self.scalars_applied, "equivocations": self.equivocations,
                 "spsa_resyncs": self.resyncs, "probe_mismatches": self.probe_mismatches}
 
+    def _holds(self, peer: str, ours: dict[str, int]) -> bool:
+        """The peer said it finished producing and its last summary equals ``ours``."""
+        return self.peer_finished.get(peer, False) and self.peer_summaries.get(peer) == ours
+
     def settled(self) -> bool:
         """Every live peer has produced its last scalar and holds exactly the scalars we hold."""
         ours, live = self.log.summary(), self.membership.live()
@@ -383,7 +397,8 @@ class SpsaNode(Node):
         self.finished_producing = True
         for _ in range(self.config.spsa.drain_rounds):
             self.round += 1
-            peers = self.membership.live()
+            ours = self.log.summary()
+            peers = [p for p in self.membership.live() if not self._holds(p.peer_id, ours)]
             await asyncio.gather(*(self._gossip_with(p, probe=False) for p in peers))
             applied = await self.apply_pending()
             if metrics is not None:

@@ -136,7 +136,8 @@ def add_bench(sub: Any) -> None:
                          description="An in-process --mode spsa swarm (plus a node joining mid-run) against "
                                      "one node running as many perturbations: wire bytes per delivered "
                                      "scalar, held-out loss per perturbation (plot), model agreement.")
-    for name in ("nodes", "rounds", "local_steps", "k", "batch_size", "fanout", "drain_rounds", "join_round"):
+    for name in ("nodes", "rounds", "local_steps", "k", "batch_size", "fanout", "drain_rounds", "join_round",
+                 "join_steps"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(o, name),
                        help=f"default {getattr(o, name)}")
     for name in ("lr", "eps"):
@@ -188,14 +189,14 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         from p2pnode.bench.spsa import SpsaBenchOptions, run_spsa_bench
 
         names = ("nodes", "rounds", "local_steps", "k", "batch_size", "fanout", "drain_rounds", "join_round",
-                 "lr", "eps", "task")
+                 "join_steps", "lr", "eps", "task")
         result = run_spsa_bench(SpsaBenchOptions(**{n: getattr(ns, n) for n in names}, json_path=ns.json,
                                                  plot_path=ns.plot))
         sw, single = result["swarm"], result["single"]
         print(f"bytes per delivered scalar {sw['bytes_per_delivered_scalar']:.3f}; final held-out loss: "
               f"swarm {sw['final_loss']:.4f}, single node {single['final_loss']:.4f} (start "
               f"{sw['curve'][0]['loss']:.4f}); max model difference {sw['max_model_diff_end']:.2e}; "
-              f"joiner after 5 rounds {json.dumps(sw['joiner_max_diff_after_5_rounds'])}; results: {ns.json}")
+              f"join run: {json.dumps(result['join_run']['join'])}; results: {ns.json}")
         return 0
     if ns.bench == "codecs":
         from p2pnode.bench.codecs import run_codec_bench

@@ -1,19 +1,15 @@
 """``p2pnode bench spsa``: one-byte SPSA gossip against single-node MeZO with as many perturbations.
 
-Runs, on the in-process runner (the daemon's SpsaNode, signed envelopes, in-memory transport whose
-byte counters see every message):
-
-1. a swarm of ``nodes`` nodes in ``--mode spsa`` for ``rounds`` rounds of ``local_steps`` SPSA steps
-   (``k`` scalars each), then ``drain_rounds`` of exchange only; one extra node joins at round
-   ``join_round`` by fetching the state from running peers;
-2. one node alone running the same total number of perturbations: ``nodes × local_steps`` steps per
-   round for ``rounds`` rounds, with the whole fine-tuning split (the union of the swarm's shards).
-
-Reported: wire bytes per delivered scalar (``bytes_sent`` over all nodes ÷ (scalars produced ×
-(nodes − 1)); the joiner's bytes, the scalars delivered to it and the state sent to it when it
-joined are left out, and reported apart), the held-out loss after every round against the number of
-scalars applied, the largest difference between any two nodes' models at the end, and the joiner's
-largest difference from the others after 5 rounds. Everything goes to a JSON file and a plot.
+Three in-process runs (the daemon's SpsaNode, signed envelopes, in-memory transport whose byte
+counters see every message): (1) ``nodes`` nodes in ``--mode spsa`` for ``rounds`` rounds of
+``local_steps`` SPSA steps (``k`` scalars each), then the drain; (2) one node alone running the same
+total number of perturbations, ``nodes × local_steps`` steps per round, on the whole fine-tuning split;
+(3) a shorter swarm (``join_steps`` per round) that one more node joins at round ``join_round`` by
+fetching the state from running peers. Reported: wire bytes per delivered scalar of run 1
+(``bytes_sent`` over all nodes ÷ (scalars produced × (nodes − 1)), everything included), the
+held-out loss after every round against the perturbations applied (runs 1 and 2, plot), the largest
+difference between any two nodes' models after the drain, and, in run 3, the joiner's largest
+difference from node 0 at its 5th round beside the same figure for two nodes that never left.
 """
 
 from __future__ import annotations
@@ -42,7 +38,8 @@ class SpsaBenchOptions:
     batch_size: int = 16
     fanout: int = 1
     drain_rounds: int = 3
-    join_round: int = 4
+    join_round: int = 2
+    join_steps: int = 300  # local steps per round in the separate run with a joiner
     seed: int = 0
     eval_samples: int = 1000
     json_path: Path = field(default_factory=lambda: Path("runs/bench-spsa.json"))
@@ -70,40 +67,39 @@ def _max_diff(nodes: list[Any]) -> float:
     return float((models - models[0]).abs().max())
 
 
-async def _swarm_run(o: SpsaBenchOptions) -> dict[str, Any]:
+async def _swarm_run(o: SpsaBenchOptions, *, joiner_at: int | None, steps: int) -> dict[str, Any]:
+    """``o.nodes`` nodes for ``o.rounds`` rounds (+ drain); with ``joiner_at``, one more node joins then."""
     from p2pnode.inproc import InprocSwarm
 
-    swarm = InprocSwarm(_options(o, o.nodes + 1, o.local_steps))
-    *nodes, joiner = _spsa_nodes(swarm)
-    record = swarm.registry.pop(joiner.identity.peer_id)
+    extra = 1 if joiner_at is not None else 0
+    swarm = InprocSwarm(_options(o, o.nodes + extra, steps))
+    all_nodes = _spsa_nodes(swarm)
+    nodes, joiner = all_nodes[: o.nodes], (all_nodes[-1] if extra else None)
+    record = swarm.registry.pop(joiner.identity.peer_id) if joiner is not None else None
     for n in nodes:
         await n.transport.start(n.serve)
     curve: list[dict[str, Any]] = [{"round": 0, "scalars": 0, "loss": nodes[0].evaluate()[1]}]
-    joiner_diff = None
+    join: dict[str, Any] | None = None
     members = list(nodes)
     for r in range(1, o.rounds + 1):
-        if r == o.join_round:
+        if joiner is not None and record is not None and r == joiner_at:
             swarm.registry[record.peer_id] = record
             await joiner.transport.start(joiner.serve)
             joiner.config.spsa.join = True
             members.append(joiner)
         await asyncio.gather(*(n.run_round() for n in members))
-        if joiner in members and r == o.join_round + 4:  # the joiner's 5th round
-            joiner_diff = {"joiner_vs_node0": _max_diff([nodes[0], joiner]),
-                           "node1_vs_node0": _max_diff([nodes[0], nodes[1]]) if len(nodes) > 1 else None,
-                           "joiner_applied": joiner.scalars_applied,
-                           "node0_applied": nodes[0].scalars_applied}
+        if joiner is not None and r == (joiner_at or 0) + 4:  # the joiner's 5th round
+            join = {"joiner_vs_node0": _max_diff([nodes[0], joiner]), "node1_vs_node0": _max_diff(nodes[:2]),
+                    "joiner_summary_equals_node0": joiner.log.summary() == nodes[0].log.summary()}
         curve.append({"round": r, "scalars": nodes[0].scalars_applied, "loss": nodes[0].evaluate()[1]})
     await asyncio.gather(*(n.drain() for n in members))
-    produced = sum(n.scalars_produced for n in nodes)
-    state = sum(n.state_bytes_sent for n in nodes)
-    sent = sum(n.transport.stats.bytes_sent for n in nodes) - state
+    produced = sum(n.scalars_produced for n in members)
+    sent = sum(n.transport.stats.bytes_sent for n in members)
     return {"curve": curve, "final_loss": nodes[0].evaluate()[1], "scalars_produced": produced,
-            "joiner_scalars_produced": joiner.scalars_produced,
-            "bytes_sent_excluding_joiner_and_state": sent, "state_bytes_sent": state,
-            "bytes_per_delivered_scalar": sent / (produced * (o.nodes - 1)),
-            "max_model_diff_end": _max_diff(members), "joiner_max_diff_after_5_rounds": joiner_diff,
-            "applied": [n.scalars_applied for n in members],
+            "bytes_sent": sent, "state_bytes_sent": sum(n.state_bytes_sent for n in members),
+            "bytes_per_delivered_scalar": sent / (produced * (len(members) - 1)),
+            "max_model_diff_end": _max_diff(members), "join": join,
+            "applied": [n.scalars_applied for n in members], "resyncs": [n.resyncs for n in members],
             "equivocations": sum(n.equivocations for n in members),
             "rejected": sum(n.messages_rejected for n in members)}
 
@@ -124,12 +120,15 @@ def run_spsa_bench(o: SpsaBenchOptions) -> dict[str, Any]:
     """Both runs, the JSON and the plot; returns the result."""
     torch.set_num_threads(1)
     t0 = time.time()
-    swarm = asyncio.run(_swarm_run(o))
+    swarm = asyncio.run(_swarm_run(o, joiner_at=None, steps=o.local_steps))
     t1 = time.time()
     single = asyncio.run(_single_run(o))
     t2 = time.time()
+    join = asyncio.run(_swarm_run(o, joiner_at=o.join_round, steps=o.join_steps))
+    t3 = time.time()
     result = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(o).items()},
-              "swarm": {**swarm, "wall_time_s": t1 - t0}, "single": {**single, "wall_time_s": t2 - t1}}
+              "swarm": {**swarm, "wall_time_s": t1 - t0}, "single": {**single, "wall_time_s": t2 - t1},
+              "join_run": {**join, "wall_time_s": t3 - t2}}
     o.json_path.parent.mkdir(parents=True, exist_ok=True)
     o.json_path.write_text(json.dumps(result, indent=2) + "\n")
     plot_curves(result, o.plot_path)

@@ -10,13 +10,14 @@ codecs already there.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from p2pnode.bench import load_results
+from p2pnode.outputs import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -38,27 +39,12 @@ class CodecSwarmOptions:
     json_path: Path = field(default_factory=lambda: Path("runs/bench-codec-swarm.json"))
 
 
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"rows": []}
-    return data if isinstance(data, dict) and isinstance(data.get("rows"), list) else {"rows": []}
-
-
-def _save(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run_codec_swarm_bench(opts: CodecSwarmOptions, *,
                           on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run one swarm per codec not yet in ``opts.json_path``; return all rows with the dense ratios."""
     from p2pnode.swarm import SwarmOptions, run_swarm
 
-    data = _load(opts.json_path)
+    data = load_results(opts.json_path, "rows")
     data["options"] = {"nodes": opts.nodes, "rounds": opts.rounds, "task": opts.task, "fanout": opts.fanout,
                        "local_steps": opts.local_steps, "seed": opts.seed}
     done = {r["codec"] for r in data["rows"]}
@@ -75,7 +61,7 @@ def run_codec_swarm_bench(opts: CodecSwarmOptions, *,
                "bytes_sent_per_node": sum(n["bytes_sent"] for n in nodes) / len(nodes),
                "wall_time_s": summary["wall_time_s"], "all_finished": summary["all_finished"]}
         data["rows"].append(row)
-        _save(opts.json_path, data)
+        write_json_atomic(opts.json_path, data)
         if on_row is not None:
             on_row(row)
     dense = next((r for r in data["rows"] if r["codec"] == "dense"), None)
@@ -83,7 +69,7 @@ def run_codec_swarm_bench(opts: CodecSwarmOptions, *,
         if dense is not None:
             row["bytes_ratio_vs_dense"] = dense["bytes_sent_per_node"] / row["bytes_sent_per_node"]
             row["accuracy_minus_dense"] = row["honest_accuracy_mean"] - dense["honest_accuracy_mean"]
-    _save(opts.json_path, data)
+    write_json_atomic(opts.json_path, data)
     return data
 
 

@@ -14,15 +14,16 @@ most the cells in flight.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
-import os
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from p2pnode.bench import load_results
+from p2pnode.outputs import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -120,26 +121,11 @@ def _run_cell(cell: dict[str, Any], opts_dict: dict[str, Any]) -> dict[str, Any]
             **summary.get("measures", {})}
 
 
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"cells": []}
-    return data if isinstance(data, dict) and isinstance(data.get("cells"), list) else {"cells": []}
-
-
-def _save(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run_robustness(opts: RobustnessOptions, *,
                    on_cell: Callable[[dict[str, Any], int, int], None] | None = None) -> dict[str, Any]:
     """Run every missing cell (resuming from ``opts.json_path``), write the JSON and the plot."""
     opts_dict = asdict(opts)
-    data = _load(opts.json_path)
+    data = load_results(opts.json_path, "cells")
     data["options"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in opts_dict.items()}
     done = {_key(c) for c in data["cells"]}
     todo = [c for c in _cells(opts) if _key(c) not in done]
@@ -154,7 +140,7 @@ def run_robustness(opts: RobustnessOptions, *,
                 if "error" in row:
                     logger.error("cell %s failed: %s", _key(row), row["error"])
                 data["cells"].append(row)
-                _save(opts.json_path, data)
+                write_json_atomic(opts.json_path, data)
                 if on_cell is not None:
                     on_cell(row, len(data["cells"]), total)
     if opts.plot_path is not None:

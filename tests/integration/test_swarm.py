@@ -49,23 +49,24 @@ def _read_metrics(path: Path) -> list[dict]:
 @pytest.mark.timeout(300)
 def test_digits_swarm_of_four_learns(tmp_path: Path) -> None:
     out = tmp_path / "run"
+    rounds = 20  # with 10, the worst node's accuracy varied 0.81-0.94 between runs (timing of merges)
 
-    proc = subprocess.run([*P2PNODE, "swarm", "--nodes", "4", "--task", "digits", "--rounds", "10",
+    proc = subprocess.run([*P2PNODE, "swarm", "--nodes", "4", "--task", "digits", "--rounds", str(rounds),
                            "--out", str(out), "--linger-s", "5", "--no-live"],
                           env=ENV, capture_output=True, text=True, timeout=280)
 
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["nodes"]) == 4
-    assert all(n["rounds"] == 10 for n in summary["nodes"])
+    assert all(n["rounds"] == rounds for n in summary["nodes"])
     assert summary["honest_accuracy_min"] >= 0.85, summary
     for node in summary["nodes"]:
         # each round pushes the full model to at least one peer (fanout 2 by default)
-        assert node["bytes_sent"] >= 10 * DIGITS_MODEL_BYTES, node
-        assert node["bytes_received"] >= 10 * DIGITS_MODEL_BYTES, node
+        assert node["bytes_sent"] >= rounds * DIGITS_MODEL_BYTES, node
+        assert node["bytes_received"] >= rounds * DIGITS_MODEL_BYTES, node
         assert node["messages_rejected"] == 0, node
     assert (out / "accuracy.png").stat().st_size > 1000
-    assert len((out / "metrics.jsonl").read_text().splitlines()) >= 4 * 10
+    assert len((out / "metrics.jsonl").read_text().splitlines()) >= 4 * rounds
 
 
 def _start_run(tmp_path: Path, name: str, *extra: str) -> tuple[subprocess.Popen[str], Path]:

@@ -279,7 +279,11 @@ def test_interrupting_run_swarm_stops_all_nodes(tmp_path: Path, fake_node: list[
     import subprocess
 
     out = tmp_path / "out"
+    # the default SIGINT handler: a shell that starts the test suite in the background (`cmd &`) makes
+    # its children ignore SIGINT, and an inherited SIG_IGN would turn this test into a 20 s hang
     driver = textwrap.dedent(f"""
+        import signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from pathlib import Path
         from rich.console import Console
         from p2pnode.swarm import SwarmOptions, run_swarm

@@ -279,8 +279,9 @@ def test_interrupting_run_swarm_stops_all_nodes(tmp_path: Path, fake_node: list[
     import subprocess
 
     out = tmp_path / "out"
-    # the default SIGINT handler: a shell that starts the test suite in the background (`cmd &`) makes
-    # its children ignore SIGINT, and an inherited SIG_IGN would turn this test into a 20 s hang
+    # the default SIGINT handler, whatever the driver inherits: an inherited SIG_IGN (possible for a
+    # suite started as a background job) would turn this test into a 20 s hang. (The SIGINT case timed
+    # out twice in a fresh-clone run started with `nohup … &`; whether that was the cause is not proven.)
     driver = textwrap.dedent(f"""
         import signal
         signal.signal(signal.SIGINT, signal.default_int_handler)

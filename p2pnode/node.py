@@ -43,7 +43,7 @@ from p2pnode.transport.base import Transport
 from p2pnode.transport.p2p import P2PTransport
 from p2pnode.wire import ModelWire, Received
 from protocols.codecs import Layout
-from protocols.envelope import ReplayGuard, open_envelope, seal
+from protocols.envelope import Envelope, ReplayGuard, open_envelope, seal
 from protocols.errors import ProtocolError
 from protocols.exchange import pack_exchange, unpack_exchange
 from protocols.records import MembershipRecord
@@ -221,15 +221,35 @@ class Node:
         model, pending = self.wire.encode(peer_id, self.outgoing_model(flat), round=self.round,
                                           peer_ack=peer_ack)
         attachment = self.extension.attach(peer_id, self.round) if self.extension is not None else None
-        sealed = seal(self.identity, kind=kind, swarm=self.config.network.swarm, round=self.round,
-                      seq=next(self._seq), payload=pack_exchange(model, attachment))
-        return sealed, pending
+        return self._seal(kind, pack_exchange(model, attachment)), pending
+
+    def _seal(self, kind: str, payload: bytes) -> bytes:
+        """Our signed envelope of ``kind`` around ``payload`` (this swarm, round, next sequence number)."""
+        return seal(self.identity, kind=kind, swarm=self.config.network.swarm, round=self.round,
+                    seq=next(self._seq), payload=payload)
+
+    def _open_from(self, sender: str, data: bytes, kinds: tuple[str, ...]) -> Envelope:
+        """Verify an envelope of one of ``kinds`` that must be signed by ``sender``; ProtocolError if not."""
+        env = open_envelope(data, max_bytes=self._max_bytes, swarm=self.config.network.swarm, kinds=kinds)
+        if env.sender != sender:
+            raise ProtocolError(f"envelope signed by {env.sender}, but the connection is from {sender}")
+        return env
+
+    async def _request(self, peer: MembershipRecord, request: bytes) -> bytes | None:
+        """Send ``request`` to ``peer`` and return its reply; None (logged, peer marked) if it failed."""
+        try:
+            return await self.transport.exchange(peer.peer_id, request, timeout=self.config.timeouts.exchange,
+                                                 maddrs=peer.maddrs)
+        except PeerUnreachable as exc:
+            logger.info("peer %s unreachable: %s", peer.peer_id, exc)
+            self.membership.mark_unreachable(peer.peer_id)
+        except MessageRejected as exc:
+            logger.info("exchange with %s refused: %s", peer.peer_id, exc)
+        return None
 
     def _open_model(self, data: bytes, *, kind: str, sender: str, guard: ReplayGuard) -> Received:
         """Verify, replay-check and decode a model message from ``sender``; ProtocolError if bad."""
-        env = open_envelope(data, max_bytes=self._max_bytes, swarm=self.config.network.swarm, kinds=(kind,))
-        if env.sender != sender:
-            raise ProtocolError(f"envelope signed by {env.sender}, but the connection is from {sender}")
+        env = self._open_from(sender, data, (kind,))
         guard.check(env)
         model, attachment = unpack_exchange(env.payload, max_bytes=self._max_bytes)
         received = self.wire.decode(sender, model)
@@ -264,20 +284,14 @@ class Node:
         return reply
 
     async def _exchange_one(self, peer: MembershipRecord, own: torch.Tensor) -> torch.Tensor | None:
-        timeout = self.config.timeouts.exchange
         request, pending = self._seal_model(KIND_PUSH, own, peer.peer_id)
         self._inflight.add(peer.peer_id)
         try:
-            reply = await self.transport.exchange(peer.peer_id, request, timeout=timeout, maddrs=peer.maddrs)
-        except PeerUnreachable as exc:
-            logger.info("peer %s unreachable: %s", peer.peer_id, exc)
-            self.membership.mark_unreachable(peer.peer_id)
-            return None
-        except MessageRejected as exc:
-            logger.info("exchange with %s refused: %s", peer.peer_id, exc)
-            return None
+            reply = await self._request(peer, request)
         finally:
             self._inflight.discard(peer.peer_id)
+        if reply is None:
+            return None
         try:
             received = self._open_model(reply, kind=KIND_PULL, sender=peer.peer_id, guard=self._pull_guard)
         except ProtocolError as exc:

@@ -42,14 +42,14 @@ import torch
 
 from defenses import Aggregator
 from p2pnode.config import NodeConfig
-from p2pnode.errors import MessageRejected, PeerUnreachable
+from p2pnode.errors import MessageRejected
 from p2pnode.identity import Identity
 from p2pnode.node import Node, PeerView, RoundReport
 from p2pnode.outputs import MetricsWriter
 from p2pnode.spsa import apply_scalar_, spsa_scalar
 from p2pnode.trainer import LocalTrainer
 from p2pnode.transport.base import Transport
-from protocols.envelope import Envelope, open_envelope, seal, unpack_limited
+from protocols.envelope import Envelope, unpack_limited
 from protocols.errors import ProtocolError
 from protocols.model import decode_model, encode_model
 from protocols.records import MembershipRecord
@@ -191,16 +191,6 @@ class SpsaNode(Node):
                 _probe_bytes(self.probe()) if probe and not self.pending else None, self.finished_producing]
         return msgpack.packb(body, use_bin_type=True)
 
-    def _seal(self, kind: str, payload: bytes) -> bytes:
-        return seal(self.identity, kind=kind, swarm=self.config.network.swarm, round=self.round,
-                    seq=next(self._seq), payload=payload)
-
-    def _open(self, sender: str, data: bytes, kind: str) -> Envelope:
-        env = open_envelope(data, max_bytes=self._max_bytes, swarm=self.config.network.swarm, kinds=(kind,))
-        if env.sender != sender:
-            raise ProtocolError(f"envelope signed by {env.sender}, but the connection is from {sender}")
-        return env
-
     def _take(self, sender: str, env: Envelope) -> tuple[dict[str, int] | None, list[float] | None]:
         """Record the batches of a verified gossip envelope; return the sender's summary (None if it
         sent none) and probe."""
@@ -249,10 +239,7 @@ class SpsaNode(Node):
     async def serve(self, sender: str, request: bytes) -> bytes:
         """Transport handler: gossip (summary + batches, answered likewise) or a state request."""
         try:
-            env = open_envelope(request, max_bytes=self._max_bytes, swarm=self.config.network.swarm,
-                                kinds=(KIND_GOSSIP, KIND_STATE))
-            if env.sender != sender:
-                raise ProtocolError(f"envelope signed by {env.sender}, but the connection is from {sender}")
+            env = self._open_from(sender, request, (KIND_GOSSIP, KIND_STATE))
             if env.kind == KIND_STATE:
                 await self._idle.wait()
                 reply = self._seal(KIND_STATE, self._state_payload())  # no await in between: consistent
@@ -270,18 +257,13 @@ class SpsaNode(Node):
 
     async def _gossip_with(self, peer: MembershipRecord, probe: bool) -> bool:
         """One push-pull exchange; True if the peer's probe says we diverged."""
-        request = self._seal(KIND_GOSSIP, self._gossip_body(peer.peer_id, probe, request=True))
-        try:
-            reply = await self.transport.exchange(peer.peer_id, request,
-                                                  timeout=self.config.timeouts.exchange, maddrs=peer.maddrs)
-        except PeerUnreachable:
-            self.membership.mark_unreachable(peer.peer_id)
-            return False
-        except MessageRejected as exc:
-            logger.info("exchange with %s refused: %s", peer.peer_id, exc)
+        reply = await self._request(peer, self._seal(KIND_GOSSIP, self._gossip_body(peer.peer_id, probe,
+                                                                                    request=True)))
+        if reply is None:
             return False
         try:
-            summary, their_probe = self._take(peer.peer_id, self._open(peer.peer_id, reply, KIND_GOSSIP))
+            env = self._open_from(peer.peer_id, reply, (KIND_GOSSIP,))
+            summary, their_probe = self._take(peer.peer_id, env)
         except ProtocolError as exc:
             self._reject(peer.peer_id, exc)
             return False
@@ -301,13 +283,11 @@ class SpsaNode(Node):
         """Adopt the state of the peer nearest the median of up to 3 peers' models; False if none replied."""
         states: list[tuple[str, torch.Tensor, Any, list[Any]]] = []
         for peer in peers[:3]:
-            request = seal(self.identity, kind=KIND_STATE, swarm=self.config.network.swarm, round=self.round,
-                           seq=next(self._seq), payload=b"")
+            reply = await self._request(peer, self._seal(KIND_STATE, b""))
+            if reply is None:
+                continue
             try:
-                timeout = self.config.timeouts.exchange
-                reply = await self.transport.exchange(peer.peer_id, request, timeout=timeout,
-                                                      maddrs=peer.maddrs)
-                env = self._open(peer.peer_id, reply, KIND_STATE)
+                env = self._open_from(peer.peer_id, reply, (KIND_STATE,))
                 body = unpack_limited(env.payload, max_bin=self._max_bytes, max_array=1 << 22,
                                       max_map=1 << 16)
                 if not (isinstance(body, list) and len(body) == 4 and isinstance(body[0], bytes)):
@@ -315,7 +295,7 @@ class SpsaNode(Node):
                 flat = decode_model(body[0], expected_numel=self.trainer.num_params,
                                     fingerprint=self.fingerprint).flat
                 states.append((peer.peer_id, flat, body[1], body[2]))
-            except (PeerUnreachable, MessageRejected, ProtocolError, TimeoutError) as exc:
+            except ProtocolError as exc:
                 logger.info("no state from %s: %s", peer.peer_id, exc)
         if not states:
             return False

@@ -234,9 +234,6 @@ class ReplicaBook:
         if reply_ack != current:  # the peer holds neither the old nor the new reference: start over
             edge.out, edge.snapshot_next = None, True
 
-    def request_failed(self, peer: str) -> None:
-        """Requester: no usable reply; the outgoing reference stays (the peer may roll back to it)."""
-
     # -- receiving ---------------------------------------------------------------------------------
     def decode(self, peer: str, payload: bytes) -> Incoming:
         """Apply ``peer``'s message to our reference of its stream; return the view and its ack.

@@ -26,8 +26,7 @@ def _exchange(x: ReplicaBook, xid: str, theta_x: torch.Tensor, y: ReplicaBook, y
               deliver_reply: bool = True) -> tuple[bool, bool]:
     """One push-pull exchange x → y as the node runs it; returns (y decoded x's model, x decoded y's)."""
     out = x.encode(yid, theta_x, round=1)
-    if not deliver_request:
-        x.request_failed(yid)
+    if not deliver_request:  # no reply: the requester commits nothing (the peer may roll back to it)
         return False, False
     got_x = True
     try:
@@ -37,7 +36,6 @@ def _exchange(x: ReplicaBook, xid: str, theta_x: torch.Tensor, y: ReplicaBook, y
     reply = y.encode(xid, theta_y, round=1, peer_ack=ack)
     y.commit(reply)
     if not deliver_reply:
-        x.request_failed(yid)
         return got_x, False
     try:
         incoming = x.decode(yid, reply.payload)

@@ -17,7 +17,7 @@ applies each scalar exactly once and bans an origin that signs two values for on
 
 Consistency: after the last round a node keeps exchanging for ``spsa.drain_rounds`` rounds without
 producing, so that everything produced reaches everyone. Every ``spsa.probe_every`` rounds a request
-carries a probe (64 fixed coordinates of the model): a peer with the same summary and nothing pending
+carries a probe (16 fixed coordinates of the model): a peer with the same summary and nothing pending
 compares it with its own; when they differ by more than ``spsa.tolerance`` the node resyncs — it
 fetches the state (model, log, pending scalars) from up to 3 peers and adopts the one whose model is
 nearest the coordinate-wise median of the three (a robust choice that keeps model and log consistent).
@@ -70,7 +70,7 @@ from protocols.spsa import (
 logger = logging.getLogger(__name__)
 
 KIND_GOSSIP, KIND_STATE = "spsa-gossip", "spsa-state"
-PROBE_SIZE = 64
+PROBE_SIZE = 16
 MAX_STEPS_PER_BATCH = 4096
 
 LossFn = Callable[[torch.nn.Module, Any], Any]
@@ -199,7 +199,8 @@ class SpsaNode(Node):
                 and isinstance(body[1], list) and (body[2] is None or isinstance(body[2], bytes))
                 and isinstance(body[3], bool)):
             raise ProtocolError("spsa gossip body must be [summary, [batches], probe | nil, finished]")
-        summary = decode_summary(body[0], max_origins=self.config.spsa.max_origins) if body[0] else None
+        max_origins = self.config.spsa.max_origins
+        summary = self.log.resolve(decode_summary(body[0], max_origins=max_origins)) if body[0] else None
         probe = None
         if body[2] is not None:
             if len(body[2]) != 4 * len(self._probe_idx):

@@ -49,6 +49,15 @@ def pubkey_from_peer_id(peer_id: str) -> bytes:
     return raw[len(_PEER_ID_PREFIX) :]
 
 
+def verify_raw(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """True iff ``signature`` is a valid Ed25519 signature of ``message`` by the raw 32-byte key."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
 def verify(peer_id: str, message: bytes, signature: bytes) -> bool:
     """True iff ``signature`` is a valid Ed25519 signature of ``message`` by ``peer_id``."""
     try:

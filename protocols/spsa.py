@@ -17,19 +17,27 @@ outside it the magnitude is clamped to the nearest end. ``g == 0`` (and ``−0.0
 the smallest magnitude with a ``+`` sign. NaN is refused. Decoding is a fixed 256-entry table of
 float32-rounded values, so every host decodes a byte to the same number.
 
-Batch wire format (msgpack map, all keys required)::
+Batch wire format (version 2). A batch is one :mod:`protocols.envelope` envelope sealed by its
+*origin*: kind ``"scalars"``, ``round`` = first step ``s``, ``seq`` = last step ``s + n − 1``, payload
+``0x02 | uvarint K | n·K codes`` (step-major: the code of ``(s + i, j)`` at offset ``i·K + j``). The
+origin is the envelope's sender, so a batch of ``n·K`` scalars costs ``n·K + 117`` bytes or so (the
+version-1 msgpack batch in a version-1 envelope cost ``n·K + 286``).
 
-    {"v": 1, "o": origin peer id (str), "s": first step, "n": number of steps, "k": K,
-     "b": bin of n·K codes, step-major: code of (s + i, j) at b[i·K + j]}
+Signing. The envelope binds no receiver, so the exact sealed bytes can be forwarded by any node and
+still verify as signed by the origin: :func:`open_batch` verifies the Ed25519 signature *before*
+parsing the payload. Replay protection for batches comes from :class:`ScalarLog` (each scalar is
+applied exactly once), not from :class:`~protocols.envelope.ReplayGuard`: a forwarded batch
+legitimately arrives many times and out of order, so callers must not run a per-sender ReplayGuard
+on these envelopes.
 
-Signing. A batch travels inside a :mod:`protocols.envelope` envelope sealed by its *origin*
-(kind ``"spsa-scalars"``, ``round = s``, ``seq = s + n − 1``). The envelope binds no receiver, so
-the exact sealed bytes can be forwarded by any node and still verify as signed by the origin:
-:func:`open_batch` verifies the Ed25519 signature (from the peer id) *before* parsing the payload,
-then checks that the envelope sender is the batch origin. Replay protection for batches comes from
-:class:`ScalarLog` (each scalar is applied exactly once), not from
-:class:`~protocols.envelope.ReplayGuard`: a forwarded batch legitimately arrives many times and out of
-order, so callers must not run a per-sender ReplayGuard on these envelopes.
+Summary wire format (version 2; anti-entropy, "which steps of which origin do you hold")::
+
+    0x02 | repeated: tag (8) | uvarint (prefix + 1)
+
+``tag = blake2b(origin, 8 bytes, person "p2pnode-tag-v1")`` names an origin in 8 bytes instead of
+its 52-character peer id; a log refuses a new origin whose tag collides with a known one's (finding
+one on purpose takes ~2^64 key generations). A tag the receiver does not know stays a distinct,
+unknown entry, so two summaries only compare equal when they name the same origins.
 """
 
 from __future__ import annotations
@@ -40,27 +48,33 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from protocols.envelope import MAX_NAME_CHARS, is_counter, open_envelope, seal, unpack_limited
+from protocols.envelope import (
+    MAX_NAME_CHARS,
+    MAX_OVERHEAD,
+    is_counter,
+    open_envelope,
+    read_uvarint,
+    seal,
+    uvarint,
+)
 from protocols.errors import ProtocolError, TooLarge
 from protocols.keys import Signer
 
-VERSION = 1
+VERSION = 2
 SCALE = 8.0
 Q_MIN, Q_MAX = -64, 63
 MIN_MAGNITUDE = math.exp(Q_MIN / SCALE)
 MAX_MAGNITUDE = math.exp(Q_MAX / SCALE)
 REL_ERROR_BOUND = math.exp(1.0 / (2.0 * SCALE)) - 1.0
-ENVELOPE_KIND = "spsa-scalars"
+ENVELOPE_KIND = "scalars"
+TAG_BYTES = 8
 MAX_K = 2**16
 _SEED_PERSON = b"p2pnode-spsa-v1"
-_BATCH_KEYS = frozenset({"v", "o", "s", "n", "k", "b"})
-_BATCH_OVERHEAD = 256  # keys, origin (<= 128 chars) and counters: upper bound of everything but "b"
-_ENVELOPE_OVERHEAD = 512  # kind, sender, swarm, counters, signature and framing around the payload
-_SUMMARY_KEYS = frozenset({"v", "p"})
+_TAG_PERSON = b"p2pnode-tag-v1"
+_BATCH_OVERHEAD = 1 + 3  # version byte and uvarint K (K <= 2**16)
 
 #: ``DECODE_TABLE[code]`` is the decoded scalar (a float32 value held in a float64).
 DECODE_TABLE: npt.NDArray[np.float64] = np.array(
@@ -236,55 +250,47 @@ class ScalarBatch:
 
 
 def encode_batch(batch: ScalarBatch) -> bytes:
-    """Serialise a batch (``n·K + O(80)`` bytes; the ``sealed`` field is not included)."""
-    body = {"v": VERSION, "o": batch.origin, "s": batch.start, "n": batch.n_steps, "k": batch.k,
-            "b": batch.codes}
-    return msgpack.packb(body, use_bin_type=True)
+    """The payload of a sealed batch: ``0x02 | uvarint K | codes`` (origin and steps are in the envelope)."""
+    return bytes([VERSION]) + uvarint(batch.k) + batch.codes
 
 
 def max_batch_bytes(max_steps: int, max_k: int) -> int:
-    """Largest encoded batch of at most ``max_steps`` steps of at most ``max_k`` codes."""
+    """Largest batch payload of at most ``max_steps`` steps of at most ``max_k`` codes."""
     return max_steps * max_k + _BATCH_OVERHEAD
 
 
-def decode_batch(data: bytes, *, max_steps: int, max_k: int) -> ScalarBatch:
-    """Parse a batch from untrusted bytes.
-
-    Parameters
-    ----------
-    data:
-        The encoded batch (normally the payload of an already verified envelope).
-    max_steps, max_k:
-        Largest accepted ``n`` and ``k``; the byte size is bounded by them before parsing.
+def decode_batch(data: bytes, *, origin: str, start: int, max_steps: int, max_k: int) -> ScalarBatch:
+    """Parse a batch payload from untrusted bytes (``origin`` and ``start`` come from its envelope).
 
     Raises
     ------
     TooLarge
         ``data`` is longer than a batch within the limits can be (a :class:`SpsaError` too).
     SpsaError
-        Anything malformed: layout, types, version, ranges, ``len(b) != n·k``.
+        Anything malformed: version, ``K`` out of range, codes not a positive multiple of ``K``, more
+        than ``max_steps`` steps, counters out of range.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise SpsaError(f"batch must be bytes, got {type(data).__name__}")
     if len(data) > max_batch_bytes(max_steps, max_k):
         raise _TooLargeBatch(f"batch of {len(data)} bytes exceeds {max_batch_bytes(max_steps, max_k)}")
+    data = bytes(data)
+    if not data or data[0] != VERSION:
+        raise SpsaError(f"unsupported batch version {data[:1]!r}")
     try:
-        body = unpack_limited(bytes(data), max_bin=max_steps * max_k, max_map=len(_BATCH_KEYS))
+        k, pos = read_uvarint(data, 1)
     except ProtocolError as exc:
-        raise SpsaError(str(exc)) from exc
-    if not (isinstance(body, dict) and body.keys() == _BATCH_KEYS):
-        raise SpsaError(f"batch must be a map with keys {sorted(_BATCH_KEYS)}")
-    if type(body["v"]) is not int or body["v"] != VERSION:
-        raise SpsaError(f"unsupported batch version {body['v']!r}")
-    origin, start, n, k, codes = body["o"], body["s"], body["n"], body["k"], body["b"]
-    if not isinstance(origin, str) or not 0 < len(origin) <= MAX_NAME_CHARS:
+        raise SpsaError(f"bad K: {exc}") from exc
+    if not 0 < k <= min(max_k, MAX_K):
+        raise SpsaError(f"k must be an int in [1, {min(max_k, MAX_K)}], got {k}")
+    codes = data[pos:]
+    n = len(codes) // k
+    if not codes or len(codes) % k or n > max_steps:
+        raise SpsaError(f"codes must be 1..{max_steps} steps of k={k} bytes, got {len(codes)} bytes")
+    if not (isinstance(origin, str) and 0 < len(origin) <= MAX_NAME_CHARS):
         raise SpsaError("origin must be a non-empty string")
-    if not is_counter(start) or type(n) is not int or not 0 < n <= max_steps or not is_counter(start + n):
-        raise SpsaError(f"steps must be 1..{max_steps} counters from a start in [0, 2**63)")
-    if type(k) is not int or not 0 < k <= min(max_k, MAX_K):
-        raise SpsaError(f"k must be an int in [1, {min(max_k, MAX_K)}], got {k!r}")
-    if not isinstance(codes, bytes) or len(codes) != n * k:
-        raise SpsaError(f"codes must be {n}·{k} bytes")
+    if not (is_counter(start) and is_counter(start + n)):
+        raise SpsaError(f"steps {start}..+{n} are outside [0, 2**63)")
     return ScalarBatch(origin=origin, start=start, k=k, codes=codes)
 
 
@@ -308,15 +314,15 @@ def seal_batch(signer: Signer, batch: ScalarBatch, *, swarm: str) -> bytes:
 
 def max_sealed_bytes(max_steps: int, max_k: int) -> int:
     """Largest sealed batch that :func:`open_batch` accepts with these limits."""
-    return max_batch_bytes(max_steps, max_k) + _ENVELOPE_OVERHEAD
+    return max_batch_bytes(max_steps, max_k) + MAX_OVERHEAD
 
 
 def open_batch(data: bytes, *, swarm: str, max_steps: int, max_k: int) -> ScalarBatch:
     """Verify and parse a sealed batch, received from its origin or from any forwarder.
 
-    Order: size bound, envelope layout, Ed25519 signature of the envelope sender (from its peer id),
-    only then the signed body and the batch payload; finally sender == origin and the envelope
-    counters match the batch. The returned batch carries ``sealed=data`` for forwarding.
+    Order: size bound, Ed25519 signature of the envelope sender (the origin), only then the envelope
+    fields and the batch payload; finally the envelope's ``seq`` must be the batch's last step. The
+    returned batch carries ``sealed=data`` for forwarding.
 
     Raises
     ------
@@ -327,14 +333,10 @@ def open_batch(data: bytes, *, swarm: str, max_steps: int, max_k: int) -> Scalar
     try:
         env = open_envelope(data, max_bytes=max_sealed_bytes(max_steps, max_k), swarm=swarm,
                             kinds=(ENVELOPE_KIND,))
-    except SpsaError:
-        raise
     except ProtocolError as exc:
         raise SpsaError(f"bad batch envelope: {exc}") from exc
-    batch = decode_batch(env.payload, max_steps=max_steps, max_k=max_k)
-    if batch.origin != env.sender:
-        raise SpsaError(f"batch of origin {batch.origin} sealed by {env.sender}")
-    if env.round != batch.start or env.seq != batch.stop - 1:
+    batch = decode_batch(env.payload, origin=env.sender, start=env.round, max_steps=max_steps, max_k=max_k)
+    if env.seq != batch.stop - 1:
         raise SpsaError("envelope counters do not match the batch steps")
     return ScalarBatch(origin=batch.origin, start=batch.start, k=batch.k, codes=batch.codes,
                        sealed=bytes(data))
@@ -343,39 +345,51 @@ def open_batch(data: bytes, *, swarm: str, max_steps: int, max_k: int) -> Scalar
 # --------------------------------------------------------------------------- summaries
 
 
+def origin_tag(origin: str) -> bytes:
+    """The 8-byte name of ``origin`` in summaries."""
+    return hashlib.blake2b(origin.encode(), digest_size=TAG_BYTES, person=_TAG_PERSON).digest()
+
+
 def encode_summary(summary: Mapping[str, int]) -> bytes:
-    """Serialise an anti-entropy summary ``{origin: contiguous prefix}`` as ``{"v": 1, "p": map}``."""
-    return msgpack.packb({"v": VERSION, "p": dict(summary)}, use_bin_type=True)
+    """Serialise an anti-entropy summary ``{origin: contiguous prefix}`` (version 2, tags; module doc)."""
+    return bytes([VERSION]) + b"".join(origin_tag(o) + uvarint(p + 1) for o, p in summary.items())
 
 
-def decode_summary(data: bytes, *, max_origins: int) -> dict[str, int]:
-    """Parse a summary from untrusted bytes; prefixes are ints in ``[-1, 2**63)``.
+def decode_summary(data: bytes, *, max_origins: int) -> dict[bytes, int]:
+    """Parse a summary from untrusted bytes into ``{tag: prefix}``; prefixes are ints in ``[-1, 2**63 − 1)``.
+
+    Resolve the tags with :meth:`ScalarLog.resolve`.
 
     Raises
     ------
     SpsaError
-        Oversized (more than ``max_origins`` entries, checked by size first) or malformed.
+        Oversized (more than ``max_origins`` entries, checked by size first), a repeated tag, or
+        malformed.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise SpsaError(f"summary must be bytes, got {type(data).__name__}")
-    limit = 16 + max_origins * (MAX_NAME_CHARS + 16)
+    limit = 1 + max_origins * (TAG_BYTES + 9)
     if len(data) > limit:
         raise _TooLargeBatch(f"summary of {len(data)} bytes exceeds {limit}")
-    try:
-        body = unpack_limited(bytes(data), max_bin=0, max_map=max(max_origins, 2))
-    except ProtocolError as exc:
-        raise SpsaError(str(exc)) from exc
-    if not (isinstance(body, dict) and body.keys() == _SUMMARY_KEYS and body["v"] == VERSION):
-        raise SpsaError("summary must be a map {'v': 1, 'p': {origin: prefix}}")
-    prefixes = body["p"]
-    if not isinstance(prefixes, dict) or len(prefixes) > max_origins:
-        raise SpsaError(f"summary must map at most {max_origins} origins to prefixes")
-    for origin, prefix in prefixes.items():
-        if not (isinstance(origin, str) and 0 < len(origin) <= MAX_NAME_CHARS):
-            raise SpsaError("summary origins must be non-empty strings")
-        if type(prefix) is not int or not -1 <= prefix < 2**63:
-            raise SpsaError(f"summary prefix must be an int in [-1, 2**63), got {prefix!r}")
-    return prefixes
+    data = bytes(data)
+    if not data or data[0] != VERSION:
+        raise SpsaError(f"unsupported summary version {data[:1]!r}")
+    out: dict[bytes, int] = {}
+    pos = 1
+    while pos < len(data):
+        tag = data[pos : pos + TAG_BYTES]
+        if len(tag) != TAG_BYTES:
+            raise SpsaError("truncated summary tag")
+        try:
+            value, pos = read_uvarint(data, pos + TAG_BYTES)
+        except ProtocolError as exc:
+            raise SpsaError(f"bad summary prefix: {exc}") from exc
+        if tag in out:
+            raise SpsaError("summary names an origin twice")
+        if len(out) >= max_origins:
+            raise SpsaError(f"summary names more than {max_origins} origins")
+        out[tag] = value - 1
+    return out
 
 
 # --------------------------------------------------------------------------- the scalar log
@@ -434,6 +448,7 @@ class ScalarLog:
         self.max_retained_steps = max_retained_steps
         self._origins: dict[str, _OriginLog] = {}
         self._banned: set[str] = set()
+        self._tags: dict[bytes, str] = {}  # origin_tag -> origin, for every origin ever tracked
 
     @property
     def banned(self) -> frozenset[str]:
@@ -472,6 +487,9 @@ class ScalarLog:
         if log is None:
             if len(self._origins) >= self.max_origins:
                 raise SpsaError(f"already tracking {self.max_origins} origins; {origin} refused")
+            tag = origin_tag(origin)
+            if self._tags.get(tag, origin) != origin:
+                raise SpsaError(f"origin {origin} has the summary tag of {self._tags[tag]}; refused")
             log = _OriginLog()
         if batch.stop - 1 > log.prefix + self.max_pending_steps:
             raise SpsaError(f"step {batch.stop - 1} of {origin} is beyond the window "
@@ -481,6 +499,8 @@ class ScalarLog:
             log.signed.append(batch)  # kept so that its origin-signed bytes can be forwarded
         if not new_steps:
             return []
+        if origin not in self._origins:
+            self._tags[origin_tag(origin)] = origin
         self._origins[origin] = log
         for step in new_steps:
             log.codes[step] = batch.step_codes(step)
@@ -513,6 +533,11 @@ class ScalarLog:
     def summary(self) -> dict[str, int]:
         """Per origin, the highest step ``t`` with every step ``<= t`` known (``-1``: step 0 missing)."""
         return {origin: log.prefix for origin, log in self._origins.items()}
+
+    def resolve(self, tagged: Mapping[bytes, int]) -> dict[str, int]:
+        """A decoded summary ``{tag: prefix}`` as ``{origin: prefix}``; a tag this log never tracked
+        becomes the key ``"#" + hex`` (it names no origin, and compares unequal to every summary of ours)."""
+        return {self._tags.get(tag) or "#" + tag.hex(): prefix for tag, prefix in tagged.items()}
 
     def missing_for(
         self, peer_summary: Mapping[str, int], *, max_steps: int | None = None
@@ -581,3 +606,4 @@ class ScalarLog:
                 raise ValueError(f"inconsistent snapshot for origin {origin}")
             origins[origin] = log
         self._origins, self._banned = origins, set(state["banned"])
+        self._tags = {origin_tag(o): o for o in [*origins, *self._banned]}

@@ -35,6 +35,7 @@ from protocols.spsa import (
     encode_scalars,
     encode_summary,
     open_batch,
+    origin_tag,
     seal_batch,
 )
 
@@ -140,32 +141,29 @@ def test_batch_round_trip_and_layout() -> None:
     assert (b.n_steps, b.stop, b.step_codes(6)) == (2, 7, bytes([4, 5, 6]))
     assert list(b.scalars())[4] == ("12D3KooWx", 6, 1, 5)
     raw = encode_batch(b)
-    assert msgpack.unpackb(raw) == {"v": 1, "o": "12D3KooWx", "s": 5, "n": 2, "k": 3,
-                                    "b": bytes([1, 2, 3, 4, 5, 6])}
-    assert decode_batch(raw, max_steps=2, max_k=3) == b
-    assert len(raw) <= 6 + 40
-
-
-def _body(**changes: object) -> bytes:
-    body: dict[str, object] = {"v": 1, "o": "peer", "s": 0, "n": 2, "k": 2, "b": b"abcd"}
-    body.update(changes)
-    return msgpack.packb({k: v for k, v in body.items() if v is not ...}, use_bin_type=True)
+    assert raw == bytes([2, 3, 1, 2, 3, 4, 5, 6])  # version, uvarint K, the codes
+    assert decode_batch(raw, origin="12D3KooWx", start=5, max_steps=2, max_k=3) == b
 
 
 @pytest.mark.parametrize("raw", [
-    _body(v=2), _body(v=True), _body(o=""), _body(o=7), _body(s=-1), _body(s=2**63 - 1), _body(s=1.0),
-    _body(n=0), _body(n=3), _body(n=True), _body(k=0), _body(k=5), _body(b="abcd"), _body(b=b"abc"),
-    _body(x=1), _body(b=...), msgpack.packb([1, 2]), b"", b"\xc1", "text", None,
+    b"", b"\x01\x02abcd", b"\x03\x02abcd", b"\x02", b"\x02\x00abcd", b"\x02\x05abcd", b"\x02\x02abc",
+    b"\x02\x02", b"\x02\x80", b"\x02\x82\x00ab", b"\x02\x02abcdef", "text", None,
 ])  # fmt: skip
 def test_decode_batch_rejects_malformed(raw: bytes) -> None:
     with pytest.raises(SpsaError):
-        decode_batch(raw, max_steps=2, max_k=4)
+        decode_batch(raw, origin="peer", start=0, max_steps=2, max_k=4)
+
+
+@pytest.mark.parametrize(("origin", "start"), [("", 0), (7, 0), ("p", -1), ("p", 2**63 - 1), ("p", 1.0)])
+def test_decode_batch_rejects_bad_envelope_fields(origin: object, start: object) -> None:
+    with pytest.raises(SpsaError):
+        decode_batch(b"\x02\x02abcd", origin=origin, start=start, max_steps=2, max_k=4)  # type: ignore[arg-type]
 
 
 def test_decode_batch_bounds_the_size_before_parsing() -> None:
     raw = encode_batch(batch("p", 0, [7] * 1000, k=2))
     with pytest.raises(SpsaError) as info:
-        decode_batch(raw, max_steps=10, max_k=2)
+        decode_batch(raw, origin="p", start=0, max_steps=10, max_k=2)
     assert isinstance(info.value, TooLarge)
 
 
@@ -173,7 +171,7 @@ def test_decode_batch_bounds_the_size_before_parsing() -> None:
 @given(st.binary(max_size=300))
 def test_decode_batch_fuzz_raises_only_spsa_error(raw: bytes) -> None:
     try:
-        decode_batch(raw, max_steps=16, max_k=4)
+        decode_batch(raw, origin="p", start=0, max_steps=16, max_k=4)
     except SpsaError:
         pass
 
@@ -181,13 +179,13 @@ def test_decode_batch_fuzz_raises_only_spsa_error(raw: bytes) -> None:
 @given(st.data())
 def test_truncated_and_bit_flipped_batches_raise_only_spsa_error(data: st.DataObject) -> None:
     raw = bytearray(encode_batch(batch("12D3KooWpeer", 3, list(range(16)), k=4)))
-    cut = data.draw(st.integers(0, len(raw) - 1))
+    cut = data.draw(st.integers(0, 2))  # shorter than version + K + one step
     with pytest.raises(SpsaError):
-        decode_batch(bytes(raw[:cut]), max_steps=16, max_k=4)
+        decode_batch(bytes(raw[:cut]), origin="p", start=3, max_steps=16, max_k=4)
     pos, bit = data.draw(st.integers(0, len(raw) - 1)), data.draw(st.integers(0, 7))
     raw[pos] ^= 1 << bit
     try:
-        decode_batch(bytes(raw), max_steps=16, max_k=4)
+        decode_batch(bytes(raw), origin="p", start=3, max_steps=16, max_k=4)
     except SpsaError:
         pass
 
@@ -209,11 +207,14 @@ def test_only_the_origin_can_seal() -> None:
         seal_batch(BOB, batch(ALICE.peer_id, 0, [1, 2]), swarm=SWARM)
 
 
-def test_batch_sealed_by_someone_else_than_its_origin_is_refused() -> None:
-    forged = seal(BOB, kind="spsa-scalars", swarm=SWARM, round=0, seq=0,
-                  payload=encode_batch(batch(ALICE.peer_id, 0, [1, 2])))
-    with pytest.raises(SpsaError, match="sealed by"):
-        open_batch(forged, swarm=SWARM, max_steps=4, max_k=2)
+def test_a_batch_is_its_sealers_and_a_sealed_size_is_small() -> None:
+    payload = encode_batch(batch(ALICE.peer_id, 0, [1, 2]))
+    sealed = seal(BOB, kind="scalars", swarm=SWARM, round=0, seq=0, payload=payload)
+    assert open_batch(sealed, swarm=SWARM, max_steps=4, max_k=2).origin == BOB.peer_id  # never ALICE's
+    codes = bytes(250)
+    big = ScalarBatch(origin=ALICE.peer_id, start=10_000, k=1, codes=codes)
+    size = len(seal_batch(ALICE, big, swarm=SWARM))
+    assert size - len(codes) <= 99 + len("scalars") + 3 + 3 + 2  # 286 bytes of overhead in version 1
 
 
 @pytest.mark.parametrize("kw", [{"swarm": "other"}, {"max_steps": 1}, {"max_k": 1}])
@@ -226,7 +227,7 @@ def test_open_batch_checks_swarm_and_limits(kw: dict[str, object]) -> None:
 
 def test_open_batch_refuses_mismatched_envelope_counters_and_kinds() -> None:
     payload = encode_batch(batch(ALICE.peer_id, 4, [1, 2]))
-    for kind, rnd in (("spsa-scalars", 3), ("model", 4)):
+    for kind, rnd in (("scalars", 3), ("model", 4)):
         with pytest.raises(SpsaError):
             open_batch(seal(ALICE, kind=kind, swarm=SWARM, round=rnd, seq=4, payload=payload),
                        swarm=SWARM, max_steps=4, max_k=2)
@@ -353,12 +354,32 @@ def test_state_dict_round_trip_through_msgpack() -> None:
 
 
 def test_summary_wire_format_round_trip_and_limits() -> None:
-    summary = {"a": -1, "b": 12}
-    assert decode_summary(encode_summary(summary), max_origins=2) == summary
-    for raw in (encode_summary({"a": 1, "b": 2, "c": 3}), encode_summary({"a": -2}), b"\x00", b"",
-                msgpack.packb({"v": 1, "p": {"a": True}})):
+    summary = {"a": -1, "b": 300}
+    raw = encode_summary(summary)
+    assert raw == b"\x02" + origin_tag("a") + b"\x00" + origin_tag("b") + bytes([0xAD, 0x02])
+    log = ScalarLog(k=1)
+    log.add(batch("a", 0, [1], k=1))
+    log.add(batch("b", 0, [1], k=1))
+    assert log.resolve(decode_summary(raw, max_origins=2)) == summary
+    assert ScalarLog(k=1).resolve(decode_summary(raw, max_origins=2)) == {
+        "#" + origin_tag("a").hex(): -1, "#" + origin_tag("b").hex(): 300}  # unknown tags stay distinct
+    for bad in (encode_summary({"a": 1, "b": 2, "c": 3}), b"\x02" + origin_tag("a") * 2 + b"\x00",
+                b"\x01", b"", b"\x02" + origin_tag("a"), b"\x02" + origin_tag("a") + b"\x80", b"\x02abc"):
         with pytest.raises(SpsaError):
-            decode_summary(raw, max_origins=2)
+            decode_summary(bad, max_origins=2)
+    with pytest.raises(ValueError, match="varint"):
+        encode_summary({"a": -2})
+
+
+def test_a_new_origin_whose_tag_collides_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import protocols.spsa as spsa
+
+    monkeypatch.setattr(spsa, "origin_tag", lambda origin: b"\x00" * 8)
+    log = ScalarLog(k=1)
+    log.add(batch("a", 0, [1], k=1))
+    with pytest.raises(SpsaError, match="tag"):
+        log.add(batch("b", 0, [1], k=1))
+    assert log.add(batch("a", 1, [2], k=1)) == [("a", 1, 0, 2)]
 
 
 # --------------------------------------------------------------------------- properties

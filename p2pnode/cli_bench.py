@@ -23,7 +23,7 @@ def _csv(kind: type) -> Any:
 
 
 def add_bench(sub: Any) -> None:
-    """Register ``bench robustness`` and ``bench defenses`` on the top-level subparsers."""
+    """Register the ``bench …`` subcommands on the top-level subparsers."""
     bench = sub.add_parser("bench", help="benchmarks (robustness matrix, defense timings)",
                            description="Benchmarks whose figures go into BENCHMARKS.md.", allow_abbrev=False)
     which = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -129,6 +129,8 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--json", type=Path, default=c.json_path, help=f"results file (default {c.json_path})")
 
 
+    add_gpu_bench(which)
+
     from p2pnode.bench.spsa import SpsaBenchOptions
 
     o = SpsaBenchOptions()
@@ -147,7 +149,58 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--plot", type=Path, default=o.plot_path, help=f"plot (default {o.plot_path})")
 
 
+def add_gpu_bench(which: Any) -> None:
+    """Register ``bench gpu``."""
+    from p2pnode.bench.gpu import GpuBenchOptions
+
+    g = GpuBenchOptions()
+    p = which.add_parser("gpu", allow_abbrev=False,
+                         help="gossip cost on the device; codec and merge-rule throughput there",
+                         description="Local SGD steps/s per node of an in-process swarm sharing the "
+                                     "device, with gossip off (fanout 0) and on (fanout k, --overlap), and "
+                                     "the gossip cost 1 - on/off; every codec's encode/decode GB/s on a "
+                                     "device tensor (clone() as reference); every merge rule on an (n=16, d) "
+                                     "stack there.")
+    p.add_argument("--device", default=g.device, help=f"auto | cpu | cuda | cuda:N (default {g.device})")
+    p.add_argument("--nodes", type=int, default=g.nodes, help=f"nodes sharing the device (default {g.nodes})")
+    p.add_argument("--rounds", type=int, default=g.rounds, help=f"rounds per swarm (default {g.rounds})")
+    p.add_argument("--warmup-rounds", type=int, default=g.warmup_rounds,
+                   help=f"first rounds left out of the timing (default {g.warmup_rounds})")
+    p.add_argument("--local-steps", type=int, default=g.local_steps, help=f"H (default {g.local_steps})")
+    p.add_argument("--fanout", type=int, default=g.fanout,
+                   help=f"peers per round, gossip on (default {g.fanout})")
+    p.add_argument("--trials", type=int, default=g.trials,
+                   help=f"off/on swarm pairs, alternating (default {g.trials})")
+    p.add_argument("--task", default=g.task, help=f"task (default {g.task})")
+    p.add_argument("--data-dir", default=g.data_dir, help="the task's data files (default: its own location)")
+    p.add_argument("--repeats", type=int, default=g.repeats,
+                   help=f"timed codec and rule calls, median reported (default {g.repeats})")
+    p.add_argument("--numel", type=int, default=g.numel,
+                   help=f"elements of the codec vector and of each rule input (default {g.numel:,})")
+    p.add_argument("--codecs", type=_csv(str), default=g.codecs,
+                   help="codecs (default: " + ",".join(g.codecs) + ")")
+    p.add_argument("--json", type=Path, default=g.json_path, help=f"results file (default {g.json_path})")
+
+
+def run_gpu_bench_cli(ns: argparse.Namespace) -> int:
+    from p2pnode.bench.gpu import GpuBenchOptions, format_report, run_gpu_bench
+
+    try:
+        names = ("device", "nodes", "rounds", "warmup_rounds", "local_steps", "fanout", "trials", "task",
+                 "data_dir", "repeats", "numel", "codecs")
+        opts = GpuBenchOptions(**{n: getattr(ns, n) for n in names}, json_path=ns.json)
+    except ValueError as exc:
+        print(f"p2pnode bench gpu: {exc}", file=sys.stderr)
+        return 2
+    data = run_gpu_bench(opts, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_report(data))
+    print(f"results: {ns.json}")
+    return 1 if data["errors"] else 0
+
+
 def cmd_bench(ns: argparse.Namespace) -> int:
+    if ns.bench == "gpu":
+        return run_gpu_bench_cli(ns)
     if ns.bench == "robustness":
         from p2pnode.bench.robustness import RobustnessOptions, run_robustness
 

@@ -31,7 +31,7 @@ from p2pnode.identity import Identity
 from p2pnode.node import Node, build_extension, model_layers, validation_fraction
 from p2pnode.report import plot_accuracy
 from p2pnode.tasks import ShardSpec, make_task
-from p2pnode.trainer import LocalTrainer
+from p2pnode.trainer import LocalTrainer, resolve_device
 from p2pnode.transport import MemoryNetwork, MemoryTransport
 from protocols.records import MembershipRecord
 
@@ -63,6 +63,9 @@ class InprocOptions:
     eval_every: int = 0  # 0: only the final evaluation
     eval_samples: int = 2000
     final_eval_samples: int = 10_000
+    overlap: bool = False  # GossipConfig.overlap: the next round's local steps run during the exchange
+    device: str = "cpu"  # where every node trains: cpu | cuda | cuda:N | auto (they share it)
+    data_dir: str | None = None  # the task's data files (default: the task's own location)
     out: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -105,14 +108,15 @@ class FullView:
 def _node_config(opts: InprocOptions, i: int) -> NodeConfig:
     byz = i >= opts.nodes - opts.byzantine
     shard = _shard(opts, i)
-    task = TaskConfig(name=opts.task, partition=opts.partition, shard=shard.index, num_shards=shard.count,
-                      batch_size=opts.batch_size, lr=opts.lr, local_steps=opts.local_steps,
-                      eval_every=opts.eval_every or 10**9, eval_samples=opts.eval_samples)
+    task = TaskConfig(name=opts.task, data_dir=opts.data_dir, partition=opts.partition, shard=shard.index,
+                      num_shards=shard.count, batch_size=opts.batch_size, lr=opts.lr,
+                      local_steps=opts.local_steps, eval_every=opts.eval_every or 10**9,
+                      eval_samples=opts.eval_samples)
     gossip = GossipConfig(rounds=opts.rounds, fanout=opts.fanout, defense=opts.defense, codec=opts.codec,
-                          mode=opts.mode,
+                          mode=opts.mode, overlap=opts.overlap,
                           variance_correction=opts.variance_correction)
     spsa = SpsaConfig(**opts.extra.get("spsa", {}))
-    cfg = NodeConfig(device="cpu", seed=opts.seed, task=task, gossip=gossip, spsa=spsa,
+    cfg = NodeConfig(device=opts.device, seed=opts.seed, task=task, gossip=gossip, spsa=spsa,
                      attack=AttackConfig(name=opts.attack if byz else ""))
     cfg.network.swarm = "inproc"
     return cfg
@@ -125,7 +129,8 @@ def _default_factory(config: NodeConfig, identity: Identity, trainer: LocalTrain
     if config.gossip.mode == "spsa":
         from p2pnode.spsa_node import make_spsa_node
 
-        return make_spsa_node(config, identity, trainer, transport, view, make_task(config.task.name))
+        task = make_task(config.task.name, config.task.data_dir)
+        return make_spsa_node(config, identity, trainer, transport, view, task)
     aggregator = make_aggregator(config.gossip.defense, variance_correction=config.gossip.variance_correction)
     return make_node(config, identity, trainer, transport, view, aggregator,
                      extension=build_extension(config, identity, trainer))
@@ -140,14 +145,14 @@ def _shard(opts: InprocOptions, i: int) -> ShardSpec:
 
 
 def _build_trainer(opts: InprocOptions, cfg: NodeConfig, i: int) -> LocalTrainer:
-    task = make_task(opts.task)
+    task = make_task(opts.task, opts.data_dir)
     data = task.load(_shard(opts, i))
     init_seed = opts.seed * 1000 + i if opts.independent_init else opts.seed
     t = cfg.task
     shard = _shard(opts, i).index  # Sybil identities share the attacker's shard and batch order
     return LocalTrainer(task.build_model(init_seed), data, lr=t.lr, momentum=t.momentum,
-                        batch_size=t.batch_size, device=torch.device("cpu"), seed=opts.seed * 100_003 + shard,
-                        val_fraction=validation_fraction(cfg))
+                        batch_size=t.batch_size, device=resolve_device(opts.device),
+                        seed=opts.seed * 100_003 + shard, val_fraction=validation_fraction(cfg))
 
 
 class InprocSwarm:

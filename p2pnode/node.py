@@ -35,12 +35,10 @@ from defenses.bristle import Bristle
 from p2pnode.config import NodeConfig
 from p2pnode.errors import ConfigError, MessageRejected, P2PNodeError, PeerUnreachable, TransportClosed
 from p2pnode.identity import Identity, load_or_create_identity
-from p2pnode.membership import Membership, create_dht, visible_maddrs
 from p2pnode.outputs import MetricsWriter, write_json_atomic
 from p2pnode.tasks import ShardSpec, make_task
 from p2pnode.trainer import LocalTrainer, limit_threads, resolve_device, spec_fingerprint
 from p2pnode.transport.base import Transport
-from p2pnode.transport.p2p import P2PTransport
 from p2pnode.wire import ModelWire, Received
 from protocols.codecs import Layout
 from protocols.envelope import Envelope, ReplayGuard, open_envelope, seal
@@ -460,7 +458,11 @@ class NodeRuntime:
         self.stop.set()
 
     async def run(self) -> int:
-        from p2pnode.byzantine import make_node  # here, not at the top: p2pnode.byzantine imports this module
+        # here, not at the top: p2pnode.byzantine imports this module, and hivemind (DHT, libp2p) is only
+        # needed where a real node runs (in-process swarms and benches run where it is absent)
+        from p2pnode.byzantine import make_node
+        from p2pnode.membership import Membership, create_dht, visible_maddrs
+        from p2pnode.transport.p2p import P2PTransport
 
         cfg = self.config
         aggregator = _build_aggregator(cfg.gossip.defense, cfg.gossip.variance_correction)

@@ -165,7 +165,11 @@ def _row(rule: str, impl: str, timing: Timing, ref: Timing | None, base: dict[st
     return row
 
 
-def _rows_for(x: torch.Tensor, repeats: int, byzfl: ModuleType | None) -> list[dict[str, Any]]:
+def time_rules(x: torch.Tensor, repeats: int, byzfl: ModuleType | None = None) -> list[dict[str, Any]]:
+    """Rows for every rule (and byzfl's equivalent, if given) and the references on the stack ``x``.
+
+    ``x`` is ``(n, d)`` on any device; CUDA calls are timed between two synchronisations.
+    """
     n, d = x.shape
     base = {"n": n, "d": d, "device": x.device.type}
     ours, theirs = _ours(), _byzfl(byzfl) if byzfl is not None else {}
@@ -184,7 +188,7 @@ def _rows_for(x: torch.Tensor, repeats: int, byzfl: ModuleType | None) -> list[d
 def _rows_at(n: int, d: int, device: str, repeats: int, byzfl: ModuleType | None) -> list[dict[str, Any]]:
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(d)).to(device)  # (n, d)
     try:
-        return _rows_for(x, repeats, byzfl)
+        return time_rules(x, repeats, byzfl)
     finally:
         del x
         gc.collect()

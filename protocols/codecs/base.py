@@ -1,9 +1,13 @@
 """The codec contract: a :class:`Layout` of parameter tensors and the abstract :class:`Codec`.
 
-A codec turns a flat 1-D float32 CPU vector (the model, or an increment of it, laid out as
-:class:`Layout` says) into bytes and back. Every payload starts with the same 16-byte header (see
-:mod:`protocols.codecs.wire`) naming the codec, its parameter and the layout, so a payload made by
-another codec or for another model is rejected before its body is read.
+A codec turns a flat 1-D float32 vector (the model, or an increment of it, laid out as
+:class:`Layout` says) into bytes and back. The vector may live on an accelerator: the codec then
+quantizes, selects or factorizes it there and copies only the compact result into the payload, and
+``decode(..., device=...)`` copies the compact payload to the device and expands it there.
+
+Every payload starts with the same 16-byte header (see :mod:`protocols.codecs.wire`) naming the
+codec, its parameter and the layout, so a payload made by another codec or for another model is
+rejected before its body is read.
 
 Decoders treat their input as hostile: they compute the exact payload size from the trusted local
 layout (and, for ``topk``, from one count that is bounded by the layout) and compare it with
@@ -112,13 +116,18 @@ class Codec(ABC):
 
     Contract
     --------
-    ``encode(x, layout, state)``: ``x`` is a 1-D float32 CPU tensor of ``layout.numel`` finite
-    elements; it is never modified. ``state`` (from :meth:`new_state`, or ``None``) is updated in
-    place. Returns exactly :meth:`wire_bytes` bytes (``topk`` during sparsity warm-up: see there).
-    Raises ``ValueError`` for a wrong shape/dtype/device or non-finite input.
+    ``encode(x, layout, state)``: ``x`` is a 1-D float32 tensor of ``layout.numel`` finite elements,
+    on the CPU or on an accelerator (where the work is done); it is never modified. ``state`` (from
+    :meth:`new_state`, or ``None``) is updated in place and stays on the CPU. Returns exactly
+    :meth:`wire_bytes` bytes (``topk`` during sparsity warm-up: see there). Raises ``ValueError`` for
+    a wrong shape/dtype or non-finite input. Codecs that round stochastically (``terngrad``) draw
+    from the device's generator there, so a device payload differs from a CPU one; the others give
+    the same payload wherever ``x`` lives (up to floating-point rounding of device arithmetic).
 
-    ``decode(data, layout)``: returns a new writable 1-D float32 CPU tensor of ``layout.numel``
-    finite elements. Raises :class:`CodecError` for any malformed ``data`` and nothing else.
+    ``decode(data, layout, device=None)``: returns a new writable 1-D float32 tensor of
+    ``layout.numel`` finite elements, on the CPU (``device=None``: the host path) or on ``device``
+    (the payload's compact parts are copied there and expanded there). Raises :class:`CodecError`
+    for any malformed ``data`` and nothing else, with either path.
 
     Attributes
     ----------
@@ -151,13 +160,13 @@ class Codec(ABC):
         Raises
         ------
         ValueError
-            ``x`` is not a finite 1-D float32 CPU tensor of ``layout.numel`` elements, or ``state``
+            ``x`` is not a finite 1-D float32 tensor of ``layout.numel`` elements, or ``state``
             belongs to another codec or layout.
         """
 
     @abstractmethod
-    def decode(self, data: bytes, layout: Layout) -> torch.Tensor:
-        """Decode an untrusted payload (see the class contract).
+    def decode(self, data: bytes, layout: Layout, device: torch.device | str | None = None) -> torch.Tensor:
+        """Decode an untrusted payload (see the class contract), onto ``device`` if one is given.
 
         Raises
         ------

@@ -11,6 +11,10 @@ For each layout (default: ResNet-50's 161 parameter tensors, 25,557,032 elements
 Reference rows ``hivemind:fp16`` and ``hivemind:scaled-fp16`` run hivemind's ``Float16Compression``
 and ``ScaledFloat16Compression`` on the same flat tensor (wire size: the serialized protobuf).
 ``clone_gbs`` (``x.clone()`` read+write as ``4 d / t``) gives the machine's memory bandwidth for scale.
+
+With ``device`` (e.g. ``"cuda"``) the vector lives there: ``encode`` works there and returns host
+bytes, ``decode(..., device=device)`` returns a tensor there, and every timed call is bracketed by
+``torch.cuda.synchronize`` so that queued kernels are counted; ``clone_gbs`` is then the device's.
 """
 
 from __future__ import annotations
@@ -35,20 +39,32 @@ DEFAULT_SPECS = ("dense", "fp16", "bf16", "int8", "topk:0.01", "topk:0.001", "po
 GB = 1e9
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+def synchronizer(device: torch.device | str | None) -> Callable[[], None]:
+    """A function that waits for the work queued on ``device`` (a no-op for the CPU)."""
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda":
+        return functools.partial(torch.cuda.synchronize, dev)
+    return lambda: None
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None] | None = None) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call, each between two ``sync``."""
+    sync = sync or (lambda: None)
     fn()  # warm-up
     times = []
     for _ in range(max(1, repeats)):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def clone_bandwidth_gbs(d: int, repeats: int = 5) -> float:
+def clone_bandwidth_gbs(d: int, repeats: int = 5, device: torch.device | str | None = None) -> float:
     """``4 d / t`` in GB/s for the median time ``t`` of ``x.clone()`` on a ``d``-element fp32 tensor."""
-    x = torch.randn(d)
-    return 4 * d / _median_seconds(x.clone, repeats) / GB
+    x = torch.randn(d, device=device)
+    return 4 * d / median_seconds(x.clone, repeats, synchronizer(device)) / GB
 
 
 def _row(layout_name: str, codec: str, x: torch.Tensor, nbytes: int, t_enc: float, t_dec: float,
@@ -63,10 +79,12 @@ def _row(layout_name: str, codec: str, x: torch.Tensor, nbytes: int, t_enc: floa
 def _bench_codec(spec: str, layout_name: str, layout: Layout, x: torch.Tensor,
                  repeats: int) -> dict[str, Any]:
     codec = make_codec(spec)
+    device = None if x.device.type == "cpu" else x.device  # the host path on the CPU, as nodes use it
+    sync = synchronizer(x.device)
     payload = codec.encode(x, layout)
-    t_enc = _median_seconds(lambda: codec.encode(x, layout), repeats)
-    t_dec = _median_seconds(lambda: codec.decode(payload, layout), repeats)
-    return _row(layout_name, spec, x, len(payload), t_enc, t_dec, codec.decode(payload, layout))
+    t_enc = median_seconds(lambda: codec.encode(x, layout), repeats, sync)
+    t_dec = median_seconds(lambda: codec.decode(payload, layout, device), repeats, sync)
+    return _row(layout_name, spec, x, len(payload), t_enc, t_dec, codec.decode(payload, layout, device))
 
 
 def _bench_hivemind(layout_name: str, x: torch.Tensor, repeats: int) -> list[dict[str, Any]]:
@@ -81,24 +99,26 @@ def _bench_hivemind(layout_name: str, x: torch.Tensor, repeats: int) -> list[dic
         for name, comp in (("hivemind:fp16", Float16Compression()),
                            ("hivemind:scaled-fp16", ScaledFloat16Compression())):
             serialized = comp.compress(x, info, allow_inplace=False)
-            t_enc = _median_seconds(functools.partial(comp.compress, x, info, allow_inplace=False), repeats)
-            t_dec = _median_seconds(functools.partial(comp.extract, serialized), repeats)
+            t_enc = median_seconds(functools.partial(comp.compress, x, info, allow_inplace=False), repeats)
+            t_dec = median_seconds(functools.partial(comp.extract, serialized), repeats)
             rows.append(_row(layout_name, name, x, len(serialized.SerializeToString()), t_enc, t_dec,
                              comp.extract(serialized)))
     return rows
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU, core and thread counts and library versions, for the result header."""
+    """CPU, core and thread counts, the CUDA device if any, and library versions, for the result header."""
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "cuda_device": cuda, "cuda_runtime": torch.version.cuda}
 
 
 def bench_codecs(specs: Sequence[str] | None = None, *, sizes: dict[str, int] | None = None,
                  layouts: dict[str, Layout] | None = None, repeats: int = 5, threads: int | None = None,
                  progress: Callable[[str], None] | None = None, hivemind: bool = True,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, device: torch.device | str | None = None) -> dict[str, Any]:
     """Measure every codec in ``specs`` on every layout; return ``{"machine", "clone_gbs", "rows"}``.
 
     Parameters
@@ -120,6 +140,8 @@ def bench_codecs(specs: Sequence[str] | None = None, *, sizes: dict[str, int] | 
         Add the hivemind float16 reference rows for each layout.
     seed
         Seed of the standard-normal test vector.
+    device
+        Where the vector lives and the codecs work (default: the CPU, host paths); see the module doc.
 
     Raises
     ------
@@ -141,18 +163,19 @@ def bench_codecs(specs: Sequence[str] | None = None, *, sizes: dict[str, int] | 
     try:
         rows: list[dict[str, Any]] = []
         for layout_name, layout in todo.items():
-            x = torch.randn(layout.numel, generator=torch.Generator().manual_seed(seed))
+            x = torch.randn(layout.numel, generator=torch.Generator().manual_seed(seed)).to(device or "cpu")
             for spec in specs:
                 if progress is not None:
                     progress(f"{layout_name}: {spec}")
                 rows.append(_bench_codec(spec, layout_name, layout, x, repeats))
-            if hivemind:
+            if hivemind and x.device.type == "cpu":  # hivemind's compressors are host code
                 if progress is not None:
                     progress(f"{layout_name}: hivemind reference")
                 rows += _bench_hivemind(layout_name, x, repeats)
         biggest = max(layout.numel for layout in todo.values())
-        return {"machine": machine_info(), "clone_gbs": clone_bandwidth_gbs(biggest, repeats),
-                "clone_numel": biggest, "repeats": repeats, "rows": rows}
+        return {"machine": machine_info(), "clone_gbs": clone_bandwidth_gbs(biggest, repeats, device),
+                "clone_numel": biggest, "repeats": repeats, "device": str(torch.device(device or "cpu")),
+                "rows": rows}
     finally:
         torch.set_num_threads(old_threads)
 

@@ -40,16 +40,32 @@ class BFloat16Codec(Codec):
 
     def encode(self, x: torch.Tensor, layout: Layout, state: Any = None) -> bytes:
         wire.check_input(x, layout)
+        if wire.off_host(x):
+            return self._encode_off_host(x.detach(), layout)
+        x = wire.to_host(x)
         bits = x.detach().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
         if bool(((bits & BF16_EXPONENT) == BF16_EXPONENT).any()):
             wire.check_finite_input(x.detach().numpy())  # NaN/Inf in x: ValueError; else overflow
             bits = x.detach().clamp(-BF16_MAX, BF16_MAX).to(torch.bfloat16).view(torch.int16).numpy()
         return wire.join(wire.header(self.codec_id, 0, layout), wire.to_le_bytes(bits).data)
 
-    def decode(self, data: bytes, layout: Layout) -> torch.Tensor:
+    def _encode_off_host(self, x: torch.Tensor, layout: Layout) -> bytes:
+        """:meth:`encode` on the tensor's device: rounded and checked there; only the bits are copied."""
+        bits = x.to(torch.bfloat16).view(torch.int16)
+        if bool(((bits & BF16_EXPONENT) == BF16_EXPONENT).any()):
+            wire.check_finite_tensor(x)  # NaN/Inf in x: ValueError; else overflow
+            bits = x.clamp(-BF16_MAX, BF16_MAX).to(torch.bfloat16).view(torch.int16)
+        return wire.pack(wire.header(self.codec_id, 0, layout), bits)
+
+    def decode(self, data: bytes, layout: Layout, device: torch.device | str | None = None) -> torch.Tensor:
         view = wire.as_buffer(data)
         wire.check_length(view, self.wire_bytes(layout))
         wire.check_header(view, self.codec_id, 0, layout, wire.HEADER_BYTES)
+        if device is not None:  # a bf16 NaN/Inf pattern is a NaN/Inf fp32 value: checked after widening
+            bits_t = wire.to_device(view, torch.int16, wire.HEADER_BYTES, layout.numel, torch.device(device))
+            widened = bits_t.view(torch.bfloat16).float()
+            wire.check_finite_output(widened, "bf16 payload")
+            return widened
         bits = wire.le_array(view, "u2", wire.HEADER_BYTES, layout.numel)
         wire.check_half_bits(bits, BF16_EXPONENT, "bf16 payload")
         if wire.LITTLE:

@@ -36,14 +36,21 @@ class DenseCodec(Codec):
 
     def encode(self, x: torch.Tensor, layout: Layout, state: Any = None) -> bytes:
         wire.check_input(x, layout)
-        array = x.detach().contiguous().numpy()
+        if wire.off_host(x):  # checked there, then copied once, straight into the payload
+            wire.check_finite_tensor(x)
+            return wire.pack(wire.header(self.codec_id, 0, layout), x.detach())
+        array = wire.to_host(x).detach().contiguous().numpy()
         wire.check_finite_input(array)
         return wire.join(wire.header(self.codec_id, 0, layout), wire.to_le_bytes(array).data)
 
-    def decode(self, data: bytes, layout: Layout) -> torch.Tensor:
+    def decode(self, data: bytes, layout: Layout, device: torch.device | str | None = None) -> torch.Tensor:
         view = wire.as_buffer(data)
         wire.check_length(view, self.wire_bytes(layout))
         wire.check_header(view, self.codec_id, 0, layout, wire.HEADER_BYTES)
+        if device is not None:
+            out = wire.to_device(view, torch.float32, wire.HEADER_BYTES, layout.numel, torch.device(device))
+            wire.check_finite_output(out, "dense payload")
+            return out
         array = wire.le_array(view, "f4", wire.HEADER_BYTES, layout.numel)
         wire.check_finite(array, "dense payload")
         return torch.from_numpy(array.copy())

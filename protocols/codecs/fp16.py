@@ -43,10 +43,13 @@ class Float16Codec(Codec):
         wire.check_input(x, layout)
         x = x.detach()
         if x.numel():
-            lo, hi = torch.aminmax(x)
-            if not (float(lo) >= -FP16_MAX and float(hi) <= FP16_MAX):  # also false for NaN
-                wire.check_finite_input(x.numpy())  # NaN/Inf in x: ValueError; else overflow
+            lo, hi = torch.stack(torch.aminmax(x)).tolist()
+            if not (lo >= -FP16_MAX and hi <= FP16_MAX):  # also false for NaN
+                wire.check_finite_tensor(x)  # NaN/Inf in x: ValueError; else overflow
                 x = x.clamp(-FP16_MAX, FP16_MAX)
+        if wire.off_host(x):  # converted there; only the halves are copied
+            return wire.pack(wire.header(self.codec_id, 0, layout), x.half())
+        x = wire.to_host(x)
         if not wire.LITTLE:
             return wire.join(wire.header(self.codec_id, 0, layout), wire.to_le_bytes(x.half().numpy()).data)
         out = bytearray(wire.HEADER_BYTES + 2 * layout.numel)
@@ -55,10 +58,15 @@ class Float16Codec(Codec):
             torch.frombuffer(out, dtype=torch.float16, offset=wire.HEADER_BYTES, count=x.numel()).copy_(x)
         return out  # type: ignore[return-value]  # bytearray: bytes-like, one copy less than bytes(out)
 
-    def decode(self, data: bytes, layout: Layout) -> torch.Tensor:
+    def decode(self, data: bytes, layout: Layout, device: torch.device | str | None = None) -> torch.Tensor:
         view = wire.as_buffer(data)
         wire.check_length(view, self.wire_bytes(layout))
         wire.check_header(view, self.codec_id, 0, layout, wire.HEADER_BYTES)
+        if device is not None:
+            half = wire.to_device(view, torch.float16, wire.HEADER_BYTES, layout.numel, torch.device(device))
+            out = half.float()
+            wire.check_finite_output(out, "fp16 payload")
+            return out
         if not wire.LITTLE or not layout.numel:
             bits = wire.le_array(view, "u2", wire.HEADER_BYTES, layout.numel)
             wire.check_half_bits(bits, FP16_EXPONENT, "fp16 payload")

@@ -48,7 +48,10 @@ class Int8Codec(Codec):
 
     def encode(self, x: torch.Tensor, layout: Layout, state: Any = None) -> bytes:
         wire.check_input(x, layout)
-        array = x.detach().numpy()  # numpy: no thread-pool overhead on small inputs, faster on big ones
+        if wire.off_host(x):
+            return self._encode_off_host(x.detach(), layout)
+        # numpy: no thread-pool overhead on small inputs, faster on big ones
+        array = wire.to_host(x).detach().numpy()
         d, block = layout.numel, self.block
         full = d // block * block
         parts = [array[:full].reshape(-1, block)] + ([array[full:].reshape(1, -1)] if full < d else [])
@@ -63,7 +66,22 @@ class Int8Codec(Codec):
         head = wire.header(self.codec_id, self.log_block, layout)
         return wire.join(head, *(wire.to_le_bytes(s).data for s in scales), *(c.data for c in codes))
 
-    def decode(self, data: bytes, layout: Layout) -> torch.Tensor:
+    def _encode_off_host(self, x: torch.Tensor, layout: Layout) -> bytes:
+        """:meth:`encode` on the tensor's device (same arithmetic); only scales and codes are copied."""
+        d, block = layout.numel, self.block
+        full = d // block * block
+        parts = [x[:full].view(-1, block)] + ([x[full:].view(1, -1)] if full < d else [])
+        # max|x| / 127 as the host path; a divisor on the device (CUDA multiplies by a host scalar's inverse)
+        scales = [part.abs().amax(dim=1) / part.new_tensor(127.0) for part in parts]
+        if not bool(torch.isfinite(torch.cat(scales)).all()):
+            raise ValueError("codec input contains NaN or Inf")
+        codes = []
+        for part, scale in zip(parts, scales):
+            quotient = part / torch.where(scale > 0, scale, 1)[:, None]
+            codes.append(quotient.round_().clamp_(-127, 127).to(torch.int8))  # round half to even, as rint
+        return wire.pack(wire.header(self.codec_id, self.log_block, layout), *scales, *codes)
+
+    def decode(self, data: bytes, layout: Layout, device: torch.device | str | None = None) -> torch.Tensor:
         view = wire.as_buffer(data)
         wire.check_length(view, self.wire_bytes(layout))
         wire.check_header(view, self.codec_id, self.log_block, layout, wire.HEADER_BYTES)
@@ -71,6 +89,8 @@ class Int8Codec(Codec):
         scales = wire.le_array(view, "f4", wire.HEADER_BYTES, nblocks)
         if not bool(((scales >= 0) & (scales <= MAX_SCALE)).all()):  # also false for NaN
             raise CodecError("int8 scales must be finite, non-negative and at most FLT_MAX / 127")
+        if device is not None:
+            return self._decode_on(torch.device(device), view, scales, d)
         codes = np.frombuffer(view, dtype=np.int8, count=d, offset=wire.HEADER_BYTES + 4 * nblocks)
         if bool((codes == -128).any()):
             raise CodecError("int8 code -128 is not used by this codec")
@@ -81,6 +101,19 @@ class Int8Codec(Codec):
         if full < d:
             out[full:] *= scales[-1]
         return torch.from_numpy(out)
+
+    def _decode_on(self, device: torch.device, view: memoryview, scales: np.ndarray, d: int) -> torch.Tensor:
+        """The rest of :meth:`decode` on ``device``: codes copied there, checked and scaled there."""
+        codes = wire.to_device(view, torch.int8, wire.HEADER_BYTES + 4 * len(scales), d, device)
+        if bool((codes == -128).any()):
+            raise CodecError("int8 code -128 is not used by this codec")
+        out = codes.float()
+        scale = torch.from_numpy(scales.copy()).to(device)
+        full = d // self.block * self.block
+        out[:full].view(-1, self.block).mul_(scale[: full // self.block, None])
+        if full < d:
+            out[full:] *= scale[-1]
+        return out
 
     def wire_bytes(self, layout: Layout) -> int:
         return wire.HEADER_BYTES + 4 * self._blocks(layout.numel) + layout.numel

@@ -124,9 +124,11 @@ class PowerSGDCodec(Codec):
         if state is not None and not (isinstance(state, PowerSGDState)
                                       and len(state.q) == len(layout.shapes)):
             raise ValueError("powersgd needs a PowerSGDState made for this layout")
-        x = x.detach().contiguous()
-        wire.check_finite_input(x.numpy())
         generator = state.generator if state is not None else torch.Generator().manual_seed(self.seed)
+        if wire.off_host(x):
+            return self._encode_off_host(x.detach().contiguous(), layout, state, generator)
+        x = wire.to_host(x).detach().contiguous()
+        wire.check_finite_input(x.numpy())
         parts: list[Any] = [wire.header(self.codec_id, self.rank, layout)]
         for i, (shape, tensor) in enumerate(zip(layout.shapes, layout.split(x))):
             dims = low_rank_dims(shape, self.rank)
@@ -142,10 +144,41 @@ class PowerSGDCodec(Codec):
             parts += [wire.to_le_bytes(p.numpy()).data, wire.to_le_bytes(q.numpy()).data]
         return wire.join(*parts)
 
-    def decode(self, data: bytes, layout: Layout) -> torch.Tensor:
+    def _encode_off_host(self, x: torch.Tensor, layout: Layout, state: PowerSGDState | None,
+                         generator: torch.Generator) -> bytes:
+        """:meth:`encode` with the products ``M Q`` and ``Mᵀ P`` on the tensor's device.
+
+        The start ``Q`` of every matrix goes there in one copy, every ``P`` comes back in one copy to be
+        orthonormalised on the host (tiny n × r work that is all per-column steps), goes back in one,
+        and the ``Q`` and the dense tensors come back in one copy each: five transfers per call.
+        """
+        wire.check_finite_tensor(x)
+        tensors = layout.split(x)
+        dims = [low_rank_dims(shape, self.rank) for shape in layout.shapes]
+        low = [(i, d) for i, d in enumerate(dims) if d is not None]
+        starts = _to(x.device, [self._start(state, i, m, generator) for i, (_, m) in low])
+        ps = _to(torch.device("cpu"), [tensors[i].reshape(d) @ q for (i, d), q in zip(low, starts)])
+        ps_on = _to(x.device, [orthonormalise(p) for p in ps])
+        qs = _to(torch.device("cpu"), [tensors[i].reshape(d).T @ p for (i, d), p in zip(low, ps_on)])
+        dense = iter(_to(torch.device("cpu"), [t.reshape(-1) for t, d in zip(tensors, dims) if d is None]))
+        factors = iter(zip(ps, qs))
+        parts: list[Any] = [wire.header(self.codec_id, self.rank, layout)]
+        for i, d in enumerate(dims):
+            if d is None:
+                parts.append(wire.to_le_bytes(next(dense).numpy()).data)
+                continue
+            p, q = next(factors)
+            if state is not None:
+                state.q[i] = q.clone()
+            parts += [wire.to_le_bytes(p.numpy()).data, wire.to_le_bytes(q.numpy()).data]
+        return wire.join(*parts)
+
+    def decode(self, data: bytes, layout: Layout, device: torch.device | str | None = None) -> torch.Tensor:
         view = wire.as_buffer(data)
         wire.check_length(view, self.wire_bytes(layout))
         wire.check_header(view, self.codec_id, self.rank, layout, wire.HEADER_BYTES)
+        if device is not None:
+            return self._decode_on(torch.device(device), view, layout)
         body_np = wire.le_array(view, "f4", wire.HEADER_BYTES, (len(view) - wire.HEADER_BYTES) // 4)
         wire.check_finite(body_np, "powersgd payload")
         body = torch.from_numpy(body_np.copy())
@@ -166,9 +199,38 @@ class PowerSGDCodec(Codec):
         wire.check_finite(out_np, "powersgd reconstruction")
         return out
 
+    def _decode_on(self, device: torch.device, view: memoryview, layout: Layout) -> torch.Tensor:
+        """:meth:`decode` on ``device``: the factors are copied there and multiplied there."""
+        body = wire.to_device(view, torch.float32, wire.HEADER_BYTES, (len(view) - wire.HEADER_BYTES) // 4,
+                              device)
+        wire.check_finite_output(body, "powersgd payload")
+        out = torch.empty(layout.numel, dtype=torch.float32, device=device)
+        pos = 0
+        for shape, start, end in zip(layout.shapes, layout.offsets[:-1], layout.offsets[1:]):
+            dims = low_rank_dims(shape, self.rank)
+            if dims is None:
+                out[start:end] = body[pos:pos + end - start]
+                pos += end - start
+                continue
+            (n, m), r = dims, self.rank
+            p = body[pos:pos + n * r].reshape(n, r)
+            q = body[pos + n * r:pos + (n + m) * r].reshape(m, r)
+            torch.mm(p, q.T, out=out[start:end].view(n, m))  # overflow gives Inf, refused below
+            pos += (n + m) * r
+        wire.check_finite_output(out, "powersgd reconstruction")
+        return out
+
     def wire_bytes(self, layout: Layout) -> int:
         total = 0
         for shape in layout.shapes:
             dims = low_rank_dims(shape, self.rank)
             total += self.rank * (dims[0] + dims[1]) if dims else math.prod(shape)
         return wire.HEADER_BYTES + 4 * total
+
+
+def _to(device: torch.device, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` (all on one device) copied to ``device`` in one transfer, as contiguous tensors."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]

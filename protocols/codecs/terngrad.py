@@ -91,7 +91,9 @@ class TernGradCodec(Codec):
         if state is not None and not isinstance(state, TernGradState):
             raise ValueError(f"terngrad needs a TernGradState, got {type(state).__name__}")
         generator = state.generator if state is not None else torch.Generator().manual_seed(self.seed)
-        array = x.detach().numpy()
+        if wire.off_host(x):
+            return self._encode_off_host(x.detach(), layout, generator)
+        array = wire.to_host(x).detach().numpy()
         magnitude = np.abs(array)
         scales = np.zeros(len(layout.shapes), dtype=np.float32)
         for i, (start, end) in enumerate(zip(layout.offsets[:-1], layout.offsets[1:])):
@@ -108,7 +110,35 @@ class TernGradCodec(Codec):
         return wire.join(wire.header(self.codec_id, 0, layout), wire.to_le_bytes(scales).data,
                          packed.data)
 
-    def decode(self, data: bytes, layout: Layout) -> torch.Tensor:
+    def _encode_off_host(self, x: torch.Tensor, layout: Layout, generator: torch.Generator) -> bytes:
+        """:meth:`encode` on the tensor's device; only the layer scales and the packed codes are copied.
+
+        The uniforms come from a generator on the device, seeded by one draw from ``generator`` (the
+        stream's CPU generator, or a fresh one seeded with SEED), so device payloads are reproducible
+        but are not the CPU path's.
+        """
+        device, d = x.device, layout.numel
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        magnitude = x.abs()
+        scales = torch.zeros(len(layout.shapes), dtype=torch.float32, device=device)
+        for i, (start, end) in enumerate(zip(layout.offsets[:-1], layout.offsets[1:])):
+            if end > start:
+                scales[i] = magnitude[start:end].amax()
+        if not bool(torch.isfinite(scales).all()):
+            raise ValueError("codec input contains NaN or Inf")
+        codes = torch.zeros(-(-d // 4) * 4, dtype=torch.uint8, device=device)
+        if d:
+            sizes = torch.tensor(layout.sizes(), dtype=torch.int64, device=device)
+            per_element = torch.repeat_interleave(scales, sizes, output_size=d)  # (d,) the layer's s
+            probability = magnitude.div_(torch.where(per_element > 0, per_element, 1))
+            uniform = torch.rand(d, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+            keep = (uniform < probability).to(torch.uint8)
+            codes[:d] = keep << torch.signbit(x).to(torch.uint8)  # 0, 1 (+s) or 2 (-s)
+        quads = codes.view(-1, 4)
+        packed = quads[:, 0] | (quads[:, 1] << 2) | (quads[:, 2] << 4) | (quads[:, 3] << 6)
+        return wire.pack(wire.header(self.codec_id, 0, layout), scales, packed)
+
+    def decode(self, data: bytes, layout: Layout, device: torch.device | str | None = None) -> torch.Tensor:
         view = wire.as_buffer(data)
         wire.check_length(view, self.wire_bytes(layout))
         wire.check_header(view, self.codec_id, 0, layout, wire.HEADER_BYTES)
@@ -117,15 +147,34 @@ class TernGradCodec(Codec):
         if not bool(((scales >= 0) & (scales <= np.finfo(np.float32).max)).all()):
             raise CodecError("terngrad scales must be finite and non-negative")
         packed = np.frombuffer(view, dtype=np.uint8, offset=wire.HEADER_BYTES + 4 * nlayers)
+        pad = 4 * len(packed) - d
+        if device is not None:
+            return self._decode_on(torch.device(device), view, layout, scales, len(packed), pad)
         if bool((packed & (packed >> 1) & 0x55).any()):
             raise CodecError("terngrad code 3 is not used by this codec")
-        pad = 4 * len(packed) - d
         if pad and int(packed[-1]) >> (2 * (4 - pad)):
             raise CodecError("terngrad padding codes must be zero")
         out = _BYTE_VALUES[packed].reshape(-1)[:d]
         for scale, start, end in zip(scales, layout.offsets[:-1], layout.offsets[1:]):
             out[start:end] *= scale
         return torch.from_numpy(out)
+
+    def _decode_on(self, device: torch.device, view: memoryview, layout: Layout, scales: np.ndarray,
+                   nbytes: int, pad: int) -> torch.Tensor:
+        """The rest of :meth:`decode` on ``device``: the packed codes copied there, checked, expanded."""
+        d = layout.numel
+        if pad and view[-1] >> (2 * (4 - pad)):
+            raise CodecError("terngrad padding codes must be zero")
+        packed = wire.to_device(view, torch.uint8, wire.HEADER_BYTES + 4 * len(scales), nbytes, device)
+        if bool((packed & (packed >> 1) & 0x55).any()):
+            raise CodecError("terngrad code 3 is not used by this codec")
+        table = torch.from_numpy(_BYTE_VALUES).to(device)  # (256, 4)
+        out = table[packed.long()].reshape(-1)[:d]  # (d,)
+        if d:
+            sizes = torch.tensor(layout.sizes(), dtype=torch.int64, device=device)
+            scale = torch.from_numpy(scales.copy()).to(device)
+            out *= torch.repeat_interleave(scale, sizes, output_size=d)
+        return out
 
     def wire_bytes(self, layout: Layout) -> int:
         return wire.HEADER_BYTES + 4 * len(layout.shapes) + -(-layout.numel // 4)

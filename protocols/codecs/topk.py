@@ -89,6 +89,22 @@ def select(magnitude: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.argpartition(magnitude, d - k)[d - k:]) if k else np.zeros(0, dtype=np.int64)
 
 
+def select_tensor(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`select` on a tensor's device: the same sample, threshold and candidates; sorted int64."""
+    d = magnitude.numel()
+    if d >= _EXACT_BELOW and 4 * k < d:
+        picks = torch.from_numpy(np.random.default_rng(0).integers(0, d, _SAMPLE)).to(magnitude.device)
+        target = min(_SAMPLE, math.ceil(1.25 * k * _SAMPLE / d) + 8)
+        threshold = torch.kthvalue(magnitude[picks], _SAMPLE - target + 1).values  # np.partition's pick
+        candidates = torch.nonzero(magnitude >= threshold).view(-1)
+        if candidates.numel() >= k:
+            chosen = torch.topk(magnitude[candidates], k, sorted=False).indices
+            return torch.sort(candidates[chosen]).values
+    if not k:
+        return torch.zeros(0, dtype=torch.int64, device=magnitude.device)
+    return torch.sort(torch.topk(magnitude, k, sorted=False).indices).values
+
+
 class TopKCodec(Codec):
     """DGC top-k with fp16 values and Elias-Fano indices; ``wire_bytes`` in the module docstring."""
 
@@ -133,12 +149,17 @@ class TopKCodec(Codec):
         wire.check_input(x, layout)
         if state is not None and not isinstance(state, TopKState):
             raise ValueError(f"topk needs a TopKState, got {type(state).__name__}")
-        array = x.detach().numpy()
-        wire.check_finite_input(array)
+        array = None if wire.off_host(x) else wire.to_host(x).detach().numpy()
+        if array is None:
+            wire.check_finite_tensor(x)
+        else:
+            wire.check_finite_input(array)
         d = layout.numel
         k = keep_count(self.density(state.step) if state is not None else self.ratio, d)
         if state is not None:
             state.step += 1
+        if array is None:
+            return self._encode_off_host(x.detach(), layout, k)
         indices = select(np.abs(array), k).astype(np.int64, copy=False)
         values = array[indices]
         scale = float(np.abs(values).max()) if k else 0.0
@@ -146,7 +167,31 @@ class TopKCodec(Codec):
         return wire.join(wire.header(self.codec_id, 0, layout), _COUNT.pack(k, scale),
                          wire.to_le_bytes(half).data, eliasfano.encode(indices, d))
 
-    def decode(self, data: bytes, layout: Layout) -> torch.Tensor:
+    def _encode_off_host(self, x: torch.Tensor, layout: Layout, k: int) -> bytes:
+        """:meth:`encode`'s selection and scaling on the tensor's device; only k values and indices are
+        copied, and the indices are Elias-Fano coded on the host."""
+        indices = select_tensor(x.abs(), k)
+        values = x[indices]
+        scale = float(values.abs().max()) if k else 0.0
+        # a divisor on the device, not a Python float: CUDA multiplies by the reciprocal of a host scalar
+        half = (values / values.new_tensor(scale) if scale > 0 else values).half()
+        coded = eliasfano.encode(indices.cpu().numpy(), layout.numel)
+        return wire.join(wire.header(self.codec_id, 0, layout), _COUNT.pack(k, scale),
+                         wire.to_le_bytes(half.cpu().numpy()).data, coded)
+
+    def decode(self, data: bytes, layout: Layout, device: torch.device | str | None = None) -> torch.Tensor:
+        indices, values = self._parse(data, layout)
+        if device is not None:  # the k values and indices are copied; the zeros are made there
+            out_t = torch.zeros(layout.numel, dtype=torch.float32, device=device)
+            if len(indices):
+                out_t[torch.from_numpy(indices).to(device)] = torch.from_numpy(values).to(device)
+            return out_t
+        out = np.zeros(layout.numel, dtype=np.float32)
+        out[indices] = values
+        return torch.from_numpy(out)
+
+    def _parse(self, data: bytes, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+        """The checked indices (strictly increasing int64) and fp32 values of a payload (CodecError)."""
         view = wire.as_buffer(data)
         d = layout.numel
         wire.check_header(view, self.codec_id, 0, layout, _PREFIX)
@@ -165,9 +210,7 @@ class TopKCodec(Codec):
         start = _PREFIX + 2 * k
         indices = eliasfano.decode(np.frombuffer(view, np.uint8, low, start),
                                    np.frombuffer(view, np.uint8, high, start + low), d, k)
-        out = np.zeros(d, dtype=np.float32)
-        out[indices] = values
-        return torch.from_numpy(out)
+        return indices, values
 
     def wire_bytes(self, layout: Layout) -> int:
         return self.payload_bytes(layout.numel, keep_count(self.ratio, layout.numel))

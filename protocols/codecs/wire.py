@@ -10,8 +10,10 @@ others 0). A decoder checks every field against its own configuration and the lo
 
 from __future__ import annotations
 
+import math
 import struct
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -27,24 +29,87 @@ LITTLE = sys.byteorder == "little"
 
 
 def check_input(x: torch.Tensor, layout: Layout) -> None:
-    """Refuse anything but a 1-D float32 CPU tensor of ``layout.numel`` elements.
+    """Refuse anything but a 1-D float32 tensor of ``layout.numel`` elements (on the CPU or a device).
 
     Raises
     ------
     ValueError
-        Wrong type, shape, dtype or device.
+        Wrong type, shape or dtype.
     """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 1 or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() != layout.numel:
-        raise ValueError(f"expected a 1-D float32 CPU tensor of {layout.numel} elements, got "
+    if x.dim() != 1 or x.dtype != torch.float32 or x.numel() != layout.numel:
+        raise ValueError(f"expected a 1-D float32 tensor of {layout.numel} elements, got "
                          f"{tuple(x.shape)} {x.dtype} on {x.device}")
+
+
+def off_host(x: torch.Tensor) -> bool:
+    """``x`` lives on an accelerator: the codec then computes there and copies only its compact result.
+
+    The device paths write little-endian payloads through native views, so a big-endian host (no CUDA
+    host is one) sends device tensors through the host path after one copy (see :func:`to_host`).
+    """
+    return x.device.type != "cpu" and LITTLE
+
+
+def to_host(x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the CPU (itself when it is there already)."""
+    return x if x.device.type == "cpu" else x.cpu()
 
 
 def check_finite_input(array: np.ndarray) -> None:
     """Raise ``ValueError`` if a float array holds NaN or Inf (encoders refuse such input)."""
     if not bool(np.isfinite(array).all()):
         raise ValueError("codec input contains NaN or Inf")
+
+
+def check_finite_tensor(x: torch.Tensor) -> None:
+    """:func:`check_finite_input` for a tensor on any device (one reduction there, one sync)."""
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError("codec input contains NaN or Inf")
+
+
+def pack(head: bytes, *tensors: torch.Tensor) -> bytes:
+    """``head`` then the raw bytes of each tensor (any device, native little-endian), one copy each.
+
+    Each tensor is copied from its device straight into the payload buffer, so a device encoder moves
+    only its compact result (fp16 halves, int8 codes, packed bits) and nothing is copied twice.
+    """
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    out = bytearray(len(head) + sum(sizes))
+    out[: len(head)] = head
+    pos = len(head)
+    for t, size in zip(tensors, sizes):
+        if size:
+            torch.frombuffer(out, dtype=t.dtype, offset=pos, count=t.numel()).copy_(t.reshape(-1))
+        pos += size
+    return out  # type: ignore[return-value]  # bytearray: bytes-like, one copy less than bytes(out)
+
+
+def to_device(view: memoryview, dtype: torch.dtype, offset: int, count: int,
+              device: torch.device) -> torch.Tensor:
+    """``count`` little-endian items of ``dtype`` at ``offset`` of a payload, as a new tensor on ``device``.
+
+    Callers have checked the length already. One copy: host bytes straight to the device.
+    """
+    if count == 0:
+        return torch.empty(0, dtype=dtype, device=device)
+    if not LITTLE:
+        np_dtype = {torch.float32: "f4", torch.float16: "f2", torch.int16: "i2", torch.int8: "i1",
+                    torch.uint8: "u1"}[dtype]
+        return torch.from_numpy(le_array(view, np_dtype, offset, count).copy()).to(device)
+    with warnings.catch_warnings():  # a read-only buffer: only read here, copied to the device
+        warnings.simplefilter("ignore", UserWarning)
+        host = torch.frombuffer(view, dtype=dtype, offset=offset, count=count)
+    return host.to(device, copy=True)
+
+
+def check_finite_output(t: torch.Tensor, what: str) -> None:
+    """Raise :class:`CodecError` if a decoded tensor (any device) holds NaN or Inf."""
+    if t.numel():
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()  # NaN propagates into both; one sync
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise CodecError(f"{what} contains NaN or Inf")
 
 
 def header(codec_id: int, param: int, layout: Layout) -> bytes:

@@ -116,12 +116,12 @@ def test_terngrad_device_payload_is_reproducible_and_unbiased(device_path: None)
     assert codec.encode(x, layout) == codec.encode(x, layout), "stateless calls repeat"
     state = codec.new_state(layout)
     draws = torch.stack([codec.decode(codec.encode(x, layout, state), layout, device="cpu")
-                         for _ in range(2000)])
+                         for _ in range(500)])
 
     assert len({tuple(d.tolist()) for d in draws[:20]}) > 1, "a stream state moves on"
     scales = torch.tensor([1.0] * 3 + [1.0] * 4)
     assert bool(((draws == 0) | (draws.abs() == scales)).all()), "values are 0 or ±(layer scale)"
-    torch.testing.assert_close(draws.mean(dim=0), x, atol=0.06, rtol=0)
+    torch.testing.assert_close(draws.mean(dim=0), x, atol=0.1, rtol=0)  # 4 standard errors at worst
 
 
 @pytest.mark.parametrize("spec", ALL_SPECS)

@@ -55,6 +55,7 @@ from protocols.model import decode_model, encode_model
 from protocols.records import MembershipRecord
 from protocols.spsa import (
     Equivocation,
+    Holding,
     ScalarBatch,
     ScalarLog,
     SpsaError,
@@ -102,7 +103,8 @@ class SpsaNode(Node):
         self.log = ScalarLog(k=s.k, max_origins=s.max_origins)
         self.step = 0  # our next SPSA step
         self.pending: list[tuple[str, int, int, int]] = []  # received, not yet applied
-        self.peer_summaries: dict[str, dict[str, int]] = {}
+        self.peer_summaries: dict[str, dict[str, Holding]] = {}  # the last holdings each peer sent
+        self._fresh: ScalarBatch | None = None  # our sealed batch of this round, pushed with requests
         self.peer_finished: dict[str, bool] = {}  # the peer said it produced its last scalar
         self.finished_producing = False
         self.scalars_produced = 0
@@ -111,6 +113,8 @@ class SpsaNode(Node):
         self.resyncs = 0
         self.probe_mismatches = 0
         self.state_bytes_sent = 0  # replies to state requests (joins, resyncs), part of bytes_sent
+        # what the gossip bodies we sent held (the rest of bytes_sent: envelopes, framing, state replies)
+        self.wire_counts = {"codes": 0, "batch_bytes": 0, "summary_bytes": 0, "probe_bytes": 0, "bodies": 0}
         self._idle = asyncio.Event()
         self._idle.set()
         self._probe_idx = probe_indices(trainer.num_params)
@@ -174,24 +178,27 @@ class SpsaNode(Node):
 
     # -- wire --------------------------------------------------------------------------------------
     def _gossip_body(self, peer: str, probe: bool, *, request: bool, summary: bool = True) -> bytes:
-        """A request pushes only our own batches the peer lacks (by the last summary we saw of it: nobody
-        else can have sent them yet) and always carries our summary; a reply carries everything the
-        requester lacks by the summary it just sent, and our summary only when the requester needs it
-        (it probes, or it is draining). Pushing others' batches on a stale summary would mostly send
-        duplicates; a summary is ~60 bytes per origin, so replies leave it out when they can."""
-        known = self.peer_summaries.get(peer, {})
+        """A request pushes only our batch of this round (nobody else can have it yet) and always carries
+        our summary; a reply carries everything the requester lacks by the summary it just sent, and our
+        summary only when the requester needs it (it probes, or it is draining). Anything older spreads by
+        those pulls: pushing on a summary seen rounds ago mostly sends duplicates."""
         if request:
-            me = self.identity.peer_id
-            batches = [b for b in self.log.missing_for({me: known.get(me, -1)}, max_steps=self._max_batch)
-                       if b.origin == me]
+            batches = [self._fresh] if self._fresh is not None else []
         else:
-            batches = self.log.missing_for(known, max_steps=self._max_batch)
-        body = [encode_summary(self.log.summary()) if summary else b"",
-                [b.sealed for b in batches if b.sealed is not None],
-                _probe_bytes(self.probe()) if probe and not self.pending else None, self.finished_producing]
+            batches = self.log.missing_for(self.peer_summaries.get(peer, {}), max_steps=self._max_batch)
+        sealed = [b.sealed for b in batches if b.sealed is not None]
+        summary_raw = encode_summary(self.log.holdings()) if summary else b""
+        probe_raw = _probe_bytes(self.probe()) if probe and not self.pending else None
+        w = self.wire_counts
+        w["codes"] += sum(len(b.codes) for b in batches if b.sealed is not None)
+        w["batch_bytes"] += sum(map(len, sealed))
+        w["summary_bytes"] += len(summary_raw)
+        w["probe_bytes"] += len(probe_raw or b"")
+        w["bodies"] += 1
+        body = [summary_raw, sealed, probe_raw, self.finished_producing]
         return msgpack.packb(body, use_bin_type=True)
 
-    def _take(self, sender: str, env: Envelope) -> tuple[dict[str, int] | None, list[float] | None]:
+    def _take(self, sender: str, env: Envelope) -> tuple[dict[str, Holding] | None, list[float] | None]:
         """Record the batches of a verified gossip envelope; return the sender's summary (None if it
         sent none) and probe."""
         body = unpack_limited(env.payload, max_bin=self._max_bytes, max_array=max(3, 1 << 16))
@@ -225,10 +232,10 @@ class SpsaNode(Node):
         self.peer_finished[sender] = body[3]
         return summary, probe
 
-    def _check_probe(self, peer: str, summary: dict[str, int] | None, probe: list[float] | None) -> bool:
-        """True if the peer's probe disagrees with us beyond the tolerance (same summary, none pending)."""
+    def _check_probe(self, peer: str, summary: dict[str, Holding] | None, probe: list[float] | None) -> bool:
+        """True if the peer's probe disagrees with us beyond the tolerance (same holdings, none pending)."""
         ours = self.probe()
-        if probe is None or ours is None or summary is None or self.pending or summary != self.log.summary():
+        if probe is None or ours is None or summary is None or self.pending or summary != self.log.holdings():
             return False
         diff = float(np.max(np.abs(np.asarray(probe) - np.asarray(ours))))
         if diff > self.config.spsa.tolerance:
@@ -268,9 +275,6 @@ class SpsaNode(Node):
         except ProtocolError as exc:
             self._reject(peer.peer_id, exc)
             return False
-        if summary is None:  # the reply confirms the peer took our own batches from the request
-            me = self.identity.peer_id
-            self.peer_summaries.setdefault(peer.peer_id, {})[me] = self.log.summary().get(me, -1)
         return self._check_probe(peer.peer_id, summary, their_probe)
 
     # -- state transfer (join and resync) ------------------------------------------------------------
@@ -326,12 +330,13 @@ class SpsaNode(Node):
         self.round += 1
         if self.round == 1 and cfg.spsa.join:
             await self.fetch_state(self.membership.sample(3))
-        g_mean = 0.0
+        g_mean, self._fresh = 0.0, None
         if produce:
             g_mean, batch = await self._busy(self.produce, cfg.task.local_steps)
             sealed = seal_batch(self.identity, batch, swarm=cfg.network.swarm)
-            self.log.add(ScalarBatch(origin=batch.origin, start=batch.start, k=batch.k, codes=batch.codes,
-                                     sealed=sealed))
+            self._fresh = ScalarBatch(origin=batch.origin, start=batch.start, k=batch.k, codes=batch.codes,
+                                      sealed=sealed)
+            self.log.add(self._fresh)
         probe = cfg.spsa.probe_every > 0 and self.round % cfg.spsa.probe_every == 0
         peers = self.membership.sample(cfg.gossip.fanout)
         diverged = await asyncio.gather(*(self._gossip_with(p, probe) for p in peers))
@@ -355,13 +360,13 @@ class SpsaNode(Node):
                 "scalars_applied": self.scalars_applied, "equivocations": self.equivocations,
                 "spsa_resyncs": self.resyncs, "probe_mismatches": self.probe_mismatches}
 
-    def _holds(self, peer: str, ours: dict[str, int]) -> bool:
+    def _holds(self, peer: str, ours: dict[str, Holding]) -> bool:
         """The peer said it finished producing and its last summary equals ``ours``."""
         return self.peer_finished.get(peer, False) and self.peer_summaries.get(peer) == ours
 
     def settled(self) -> bool:
         """Every live peer has produced its last scalar and holds exactly the scalars we hold."""
-        ours, live = self.log.summary(), self.membership.live()
+        ours, live = self.log.holdings(), self.membership.live()
         return not self.pending and all(self.peer_finished.get(p.peer_id, False)
                                         and self.peer_summaries.get(p.peer_id) == ours for p in live)
 
@@ -375,10 +380,10 @@ class SpsaNode(Node):
     async def drain(self, metrics: MetricsWriter | None = None) -> None:
         """After our last scalar: exchange with every live peer (no producing) until :meth:`settled`, for
         at most ``spsa.drain_rounds`` rounds, half a second apart."""
-        self.finished_producing = True
+        self.finished_producing, self._fresh = True, None
         for _ in range(self.config.spsa.drain_rounds):
             self.round += 1
-            ours = self.log.summary()
+            ours = self.log.holdings()
             peers = [p for p in self.membership.live() if not self._holds(p.peer_id, ours)]
             await asyncio.gather(*(self._gossip_with(p, probe=False) for p in peers))
             applied = await self.apply_pending()

@@ -32,7 +32,12 @@ on these envelopes.
 
 Summary wire format (version 2; anti-entropy, "which steps of which origin do you hold")::
 
-    0x02 | repeated: tag (8) | uvarint (prefix + 1)
+    0x02 | repeated: tag (8) | uvarint (prefix + 1) | uvarint R | R × (uvarint gap, uvarint length − 1)
+
+``prefix`` is the last step of the contiguous run from step 0; the ``R <= MAX_RUNS`` runs are steps held
+beyond it (scalars that arrived before an earlier batch of their origin), each starting ``gap + 2``
+steps after the end of the previous run (or of the prefix). Without them, a peer would resend
+everything above the prefix.
 
 ``tag = blake2b(origin, 8 bytes, person "p2pnode-tag-v1")`` names an origin in 8 bytes instead of
 its 52-character peer id; a log refuses a new origin whose tag collides with a known one's (finding
@@ -71,6 +76,9 @@ MAX_MAGNITUDE = math.exp(Q_MAX / SCALE)
 REL_ERROR_BOUND = math.exp(1.0 / (2.0 * SCALE)) - 1.0
 ENVELOPE_KIND = "scalars"
 TAG_BYTES = 8
+MAX_RUNS = 32  # runs above the prefix a summary may list per origin
+Runs = tuple[tuple[int, int], ...]  # (first step, last step) of each run held above the prefix
+Holding = tuple[int, Runs]  # (prefix, runs): what a log holds of one origin
 MAX_K = 2**16
 _SEED_PERSON = b"p2pnode-spsa-v1"
 _TAG_PERSON = b"p2pnode-tag-v1"
@@ -350,45 +358,78 @@ def origin_tag(origin: str) -> bytes:
     return hashlib.blake2b(origin.encode(), digest_size=TAG_BYTES, person=_TAG_PERSON).digest()
 
 
-def encode_summary(summary: Mapping[str, int]) -> bytes:
-    """Serialise an anti-entropy summary ``{origin: contiguous prefix}`` (version 2, tags; module doc)."""
-    return bytes([VERSION]) + b"".join(origin_tag(o) + uvarint(p + 1) for o, p in summary.items())
+def encode_summary(summary: Mapping[str, int | Holding]) -> bytes:
+    """Serialise an anti-entropy summary, ``{origin: prefix}`` or ``{origin: (prefix, runs)}`` (module doc).
+
+    Raises
+    ------
+    ValueError
+        A prefix below −1, more than :data:`MAX_RUNS` runs, or runs that are not increasing, disjoint
+        and separated from the prefix and from each other by a gap.
+    """
+    parts = [bytes([VERSION])]
+    for origin, held in summary.items():
+        prefix, runs = (held, ()) if isinstance(held, int) else held
+        if len(runs) > MAX_RUNS:
+            raise ValueError(f"at most {MAX_RUNS} runs per origin, got {len(runs)}")
+        parts += [origin_tag(origin), uvarint(prefix + 1), uvarint(len(runs))]
+        end = prefix
+        for first, last in runs:
+            if not end + 2 <= first <= last:
+                raise ValueError(f"run {first}..{last} does not start after a gap past step {end}")
+            parts += [uvarint(first - end - 2), uvarint(last - first)]
+            end = last
+    return b"".join(parts)
 
 
-def decode_summary(data: bytes, *, max_origins: int) -> dict[bytes, int]:
-    """Parse a summary from untrusted bytes into ``{tag: prefix}``; prefixes are ints in ``[-1, 2**63 − 1)``.
+def decode_summary(data: bytes, *, max_origins: int) -> dict[bytes, Holding]:
+    """Parse a summary from untrusted bytes into ``{tag: (prefix, runs)}``.
 
     Resolve the tags with :meth:`ScalarLog.resolve`.
 
     Raises
     ------
     SpsaError
-        Oversized (more than ``max_origins`` entries, checked by size first), a repeated tag, or
-        malformed.
+        Oversized (more than ``max_origins`` entries, checked by size first), a repeated tag, too many
+        runs, steps past 2**63, or malformed.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise SpsaError(f"summary must be bytes, got {type(data).__name__}")
-    limit = 1 + max_origins * (TAG_BYTES + 9)
+    limit = 1 + max_origins * (TAG_BYTES + 10 + MAX_RUNS * 18)
     if len(data) > limit:
         raise _TooLargeBatch(f"summary of {len(data)} bytes exceeds {limit}")
     data = bytes(data)
     if not data or data[0] != VERSION:
         raise SpsaError(f"unsupported summary version {data[:1]!r}")
-    out: dict[bytes, int] = {}
+    out: dict[bytes, Holding] = {}
     pos = 1
-    while pos < len(data):
-        tag = data[pos : pos + TAG_BYTES]
-        if len(tag) != TAG_BYTES:
-            raise SpsaError("truncated summary tag")
-        try:
+    try:
+        while pos < len(data):
+            tag = data[pos : pos + TAG_BYTES]
+            if len(tag) != TAG_BYTES:
+                raise SpsaError("truncated summary tag")
+            if tag in out:
+                raise SpsaError("summary names an origin twice")
+            if len(out) >= max_origins:
+                raise SpsaError(f"summary names more than {max_origins} origins")
             value, pos = read_uvarint(data, pos + TAG_BYTES)
-        except ProtocolError as exc:
-            raise SpsaError(f"bad summary prefix: {exc}") from exc
-        if tag in out:
-            raise SpsaError("summary names an origin twice")
-        if len(out) >= max_origins:
-            raise SpsaError(f"summary names more than {max_origins} origins")
-        out[tag] = value - 1
+            n_runs, pos = read_uvarint(data, pos)
+            if n_runs > MAX_RUNS:
+                raise SpsaError(f"summary lists {n_runs} runs for one origin (at most {MAX_RUNS})")
+            end, runs = value - 1, []
+            for _ in range(n_runs):
+                gap, pos = read_uvarint(data, pos)
+                length, pos = read_uvarint(data, pos)
+                first = end + 2 + gap
+                end = first + length
+                if not is_counter(end):
+                    raise SpsaError("summary run goes past step 2**63")
+                runs.append((first, end))
+            out[tag] = (value - 1, tuple(runs))
+    except ProtocolError as exc:
+        if isinstance(exc, SpsaError):
+            raise
+        raise SpsaError(f"bad summary: {exc}") from exc
     return out
 
 
@@ -534,15 +575,32 @@ class ScalarLog:
         """Per origin, the highest step ``t`` with every step ``<= t`` known (``-1``: step 0 missing)."""
         return {origin: log.prefix for origin, log in self._origins.items()}
 
-    def resolve(self, tagged: Mapping[bytes, int]) -> dict[str, int]:
+    def holdings(self) -> dict[str, Holding]:
+        """Per origin, ``(prefix, runs)``: the prefix of :meth:`summary` and up to :data:`MAX_RUNS` runs
+        of steps held beyond it (the first ones; a peer may then resend some of the later ones)."""
+        out: dict[str, Holding] = {}
+        for origin, log in self._origins.items():
+            runs: list[tuple[int, int]] = []
+            for step in sorted(s for s in log.codes if s > log.prefix):
+                if runs and step == runs[-1][1] + 1:
+                    runs[-1] = (runs[-1][0], step)
+                elif len(runs) < MAX_RUNS:
+                    runs.append((step, step))
+                else:
+                    break
+            out[origin] = (log.prefix, tuple(runs))
+        return out
+
+    def resolve(self, tagged: Mapping[bytes, Holding]) -> dict[str, Holding]:
         """A decoded summary ``{tag: prefix}`` as ``{origin: prefix}``; a tag this log never tracked
         becomes the key ``"#" + hex`` (it names no origin, and compares unequal to every summary of ours)."""
         return {self._tags.get(tag) or "#" + tag.hex(): prefix for tag, prefix in tagged.items()}
 
     def missing_for(
-        self, peer_summary: Mapping[str, int], *, max_steps: int | None = None
+        self, peer_summary: Mapping[str, int | Holding], *, max_steps: int | None = None
     ) -> list[ScalarBatch]:
-        """Batches holding what a peer with ``peer_summary`` lacks (steps above its prefix).
+        """Batches holding what a peer with ``peer_summary`` lacks (steps above its prefix and outside
+        its runs, when the summary gives ``(prefix, runs)``).
 
         Steps covered by a stored origin-signed batch are served as those batches (forward their
         ``sealed`` bytes); any other steps as unsigned batches, one per contiguous run. Steps this
@@ -551,8 +609,10 @@ class ScalarLog:
         """
         out: list[ScalarBatch] = []
         for origin, log in self._origins.items():
-            peer_prefix = peer_summary.get(origin, -1)
-            wanted = sorted(s for s in log.codes if s > peer_prefix)
+            held = peer_summary.get(origin, -1)
+            peer_prefix, runs = (held, ()) if isinstance(held, int) else held
+            wanted = sorted(s for s in log.codes
+                            if s > peer_prefix and not any(a <= s <= b for a, b in runs))
             if max_steps is not None:
                 wanted = wanted[:max_steps]
             out.extend(self._serve(origin, log, wanted))

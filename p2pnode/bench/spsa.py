@@ -99,6 +99,7 @@ async def _swarm_run(o: SpsaBenchOptions, *, joiner_at: int | None, steps: int) 
             "bytes_sent": sent, "state_bytes_sent": sum(n.state_bytes_sent for n in members),
             "bytes_per_delivered_scalar": sent / (produced * (len(members) - 1)),
             "max_model_diff_end": _max_diff(members), "join": join,
+            "wire": {key: sum(n.wire_counts[key] for n in members) for key in members[0].wire_counts},
             "applied": [n.scalars_applied for n in members], "resyncs": [n.resyncs for n in members],
             "equivocations": sum(n.equivocations for n in members),
             "rejected": sum(n.messages_rejected for n in members)}

@@ -64,9 +64,10 @@ def test_an_origin_that_signs_two_values_for_one_step_is_banned() -> None:
         liar = ScalarBatch(origin=a.identity.peer_id, start=0, k=1, codes=bytes([7]) * 60)
         sealed = seal_batch(a.identity, liar, swarm=a.config.network.swarm)
         a.log = type(a.log)(k=1)
-        a.log.add(ScalarBatch(origin=liar.origin, start=0, k=1, codes=liar.codes, sealed=sealed))
-        a.peer_summaries.clear()
-        await _rounds([a], 1, produce=False)
+        a._fresh = ScalarBatch(origin=liar.origin, start=0, k=1, codes=liar.codes, sealed=sealed)
+        a.log.add(a._fresh)
+        (peer,) = a.membership.sample(1)
+        await a._gossip_with(peer, probe=False)  # a request pushes the requester's fresh batch
         return a, b
 
     a, b = asyncio.run(scenario())

@@ -356,19 +356,36 @@ def test_state_dict_round_trip_through_msgpack() -> None:
 def test_summary_wire_format_round_trip_and_limits() -> None:
     summary = {"a": -1, "b": 300}
     raw = encode_summary(summary)
-    assert raw == b"\x02" + origin_tag("a") + b"\x00" + origin_tag("b") + bytes([0xAD, 0x02])
+    assert raw == b"\x02" + origin_tag("a") + b"\x00\x00" + origin_tag("b") + bytes([0xAD, 0x02, 0x00])
     log = ScalarLog(k=1)
     log.add(batch("a", 0, [1], k=1))
     log.add(batch("b", 0, [1], k=1))
-    assert log.resolve(decode_summary(raw, max_origins=2)) == summary
+    assert log.resolve(decode_summary(raw, max_origins=2)) == {"a": (-1, ()), "b": (300, ())}
     assert ScalarLog(k=1).resolve(decode_summary(raw, max_origins=2)) == {
-        "#" + origin_tag("a").hex(): -1, "#" + origin_tag("b").hex(): 300}  # unknown tags stay distinct
-    for bad in (encode_summary({"a": 1, "b": 2, "c": 3}), b"\x02" + origin_tag("a") * 2 + b"\x00",
-                b"\x01", b"", b"\x02" + origin_tag("a"), b"\x02" + origin_tag("a") + b"\x80", b"\x02abc"):
+        "#" + origin_tag("a").hex(): (-1, ()), "#" + origin_tag("b").hex(): (300, ())}  # unknown tags stay
+    for bad in (encode_summary({"a": 1, "b": 2, "c": 3}), b"\x02" + (origin_tag("a") + b"\x00\x00") * 2,
+                b"\x01", b"", b"\x02" + origin_tag("a"), b"\x02" + origin_tag("a") + b"\x80",
+                b"\x02" + origin_tag("a") + b"\x00", b"\x02" + origin_tag("a") + b"\x00\x21",
+                b"\x02" + origin_tag("a") + b"\x00\x01\x00", b"\x02abc"):
         with pytest.raises(SpsaError):
             decode_summary(bad, max_origins=2)
-    with pytest.raises(ValueError, match="varint"):
-        encode_summary({"a": -2})
+    for held in (-2, (5, ((6, 7),)), (5, ((8, 7),)), (5, ((7, 8), (9, 9))), (0, ((2, 2),) * 40)):
+        with pytest.raises(ValueError, match="varint|run"):
+            encode_summary({"a": held})  # type: ignore[dict-item]
+
+
+def test_holdings_list_the_runs_above_the_prefix_and_peers_are_not_sent_them() -> None:
+    log = ScalarLog(k=1)
+    for start in (0, 1, 4, 5, 9):
+        log.add(batch("a", start, [start + 1], k=1))
+    holdings = log.holdings()
+    assert holdings == {"a": (1, ((4, 5), (9, 9)))}
+    assert log.resolve(decode_summary(encode_summary(holdings), max_origins=1)) == holdings
+    peer = ScalarLog(k=1)
+    for start in (0, 2, 5):
+        peer.add(batch("a", start, [start + 1], k=1))
+    sent = [s for b in log.missing_for(peer.holdings()) for s in range(b.start, b.stop)]
+    assert sent == [1, 4, 9]  # step 5 is in the peer's run, steps 2 and 3 we do not have
 
 
 def test_a_new_origin_whose_tag_collides_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

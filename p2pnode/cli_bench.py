@@ -147,6 +147,12 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--task", default=o.task, help=f"task (default {o.task})")
     p.add_argument("--json", type=Path, default=o.json_path, help=f"results file (default {o.json_path})")
     p.add_argument("--plot", type=Path, default=o.plot_path, help=f"plot (default {o.plot_path})")
+    p.add_argument("--seed", type=int, default=o.seed, help=f"default {o.seed}")
+    p.add_argument("--lockstep", action="store_true",
+                   help="run the swarm's rounds in step (default: every node runs its rounds freely)")
+    p.add_argument("--runs", default=",".join(o.runs),
+                   help="which runs: swarm (bytes, loss, agreement), single (MeZO reference), join "
+                        f"(default {','.join(o.runs)})")
 
 
 def add_gpu_bench(which: Any) -> None:
@@ -242,14 +248,21 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         from p2pnode.bench.spsa import SpsaBenchOptions, run_spsa_bench
 
         names = ("nodes", "rounds", "local_steps", "k", "batch_size", "fanout", "drain_rounds", "join_round",
-                 "join_steps", "lr", "eps", "task")
-        result = run_spsa_bench(SpsaBenchOptions(**{n: getattr(ns, n) for n in names}, json_path=ns.json,
-                                                 plot_path=ns.plot))
-        sw, single = result["swarm"], result["single"]
-        print(f"bytes per delivered scalar {sw['bytes_per_delivered_scalar']:.3f}; final held-out loss: "
-              f"swarm {sw['final_loss']:.4f}, single node {single['final_loss']:.4f} (start "
-              f"{sw['curve'][0]['loss']:.4f}); max model difference {sw['max_model_diff_end']:.2e}; "
-              f"join run: {json.dumps(result['join_run']['join'])}; results: {ns.json}")
+                 "join_steps", "lr", "eps", "task", "seed", "lockstep")
+        runs = tuple(r.strip() for r in ns.runs.split(",") if r.strip())
+        result = run_spsa_bench(SpsaBenchOptions(**{n: getattr(ns, n) for n in names}, runs=runs,
+                                                 json_path=ns.json, plot_path=ns.plot))
+        parts = []
+        if "swarm" in result:
+            sw = result["swarm"]
+            parts.append(f"bytes per delivered scalar {sw['bytes_per_delivered_scalar']:.3f}; swarm final "
+                         f"held-out loss {sw['final_loss']:.4f} (start {sw['curve'][0]['loss']:.4f}); "
+                         f"max model difference {sw['max_model_diff_end']:.2e}")
+        if "single" in result:
+            parts.append(f"single node final loss {result['single']['final_loss']:.4f}")
+        if "join_run" in result:
+            parts.append(f"join run: {json.dumps(result['join_run']['join'])}")
+        print("; ".join(parts + [f"results: {ns.json}"]))
         return 0
     if ns.bench == "codecs":
         from p2pnode.bench.codecs import run_codec_bench

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -70,7 +71,8 @@ from protocols.spsa import (
 
 logger = logging.getLogger(__name__)
 
-KIND_GOSSIP, KIND_STATE = "spsa-gossip", "spsa-state"
+# envelope kinds are on the wire of every message, so they are two letters: SPSA gossip, SPSA state
+KIND_GOSSIP, KIND_STATE = "sg", "ss"
 PROBE_SIZE = 16
 MAX_STEPS_PER_BATCH = 4096
 
@@ -102,7 +104,9 @@ class SpsaNode(Node):
         self.loss_fn, self.eval_loss = loss_fn, eval_loss
         self.log = ScalarLog(k=s.k, max_origins=s.max_origins)
         self.step = 0  # our next SPSA step
-        self.pending: list[tuple[str, int, int, int]] = []  # received, not yet applied
+        # received, not yet applied; appended on the event loop, consumed by the worker thread (deque
+        # append/popleft are atomic), so scalars that arrive while we produce are applied at the next step
+        self.pending: deque[tuple[str, int, int, int]] = deque()
         self.peer_summaries: dict[str, dict[str, Holding]] = {}  # the last holdings each peer sent
         self._fresh: ScalarBatch | None = None  # our sealed batch of this round, pushed with requests
         self.peer_finished: dict[str, bool] = {}  # the peer said it produced its last scalar
@@ -129,13 +133,16 @@ class SpsaNode(Node):
 
     def produce(self, steps: int) -> tuple[float, ScalarBatch]:
         """``steps`` SPSA steps of ``k`` scalars on our shard, applied as decoded; returns the mean
-        ``|g|`` and the batch of their codes."""
+        ``|g|`` and the batch of their codes. Scalars received meanwhile are applied between steps (the
+        sooner a node sees its peers' scalars, the less stale its own are)."""
         s, me = self.config.spsa, self.identity.peer_id
         codes = bytearray()
         total = 0.0
         model = self.trainer.model
         start = self.step
         for t in range(start, start + steps):
+            if self.pending:
+                self._apply_received()
             for k in range(s.k):
                 seed = derive_seed(me, t, k)
                 g = spsa_scalar(model, self.loss_fn, self._batch(), seed, s.eps)
@@ -147,6 +154,14 @@ class SpsaNode(Node):
         self.scalars_produced += len(codes)
         self.scalars_applied += len(codes)
         return total / max(1, len(codes)), ScalarBatch(origin=me, start=start, k=s.k, codes=bytes(codes))
+
+    def _apply_received(self) -> None:
+        """Apply every received scalar queued now (worker thread)."""
+        todo = []
+        while self.pending:
+            todo.append(self.pending.popleft())
+        self._apply(todo)
+        self.scalars_applied += len(todo)
 
     def _apply(self, todo: list[tuple[str, int, int, int]]) -> None:
         lr = self.config.spsa.lr
@@ -164,11 +179,9 @@ class SpsaNode(Node):
 
     async def apply_pending(self) -> int:
         """Apply the received scalars not applied yet; returns how many."""
-        await self._idle.wait()
-        todo, self.pending = self.pending, []
-        await self._busy(self._apply, todo)
-        self.scalars_applied += len(todo)
-        return len(todo)
+        before = self.scalars_applied
+        await self._busy(self._apply_received)
+        return self.scalars_applied - before
 
     def probe(self) -> list[float] | None:
         """The model at the probe coordinates, or None while the model is changing."""
@@ -318,7 +331,7 @@ class SpsaNode(Node):
         await self._idle.wait()
         self.trainer.set_flat_(flat)  # no await from here on: the switch is atomic for the handlers
         own = self.log.summary().get(self.identity.peer_id, -1)
-        self.log, self.pending = log, todo
+        self.log, self.pending = log, deque(todo)
         self.step = max(self.step, own + 1, log.summary().get(self.identity.peer_id, -1) + 1)
         self.resyncs += 1
         logger.info("adopted the state of %s (%d scalars pending)", source, len(todo))

@@ -18,9 +18,9 @@ the smallest magnitude with a ``+`` sign. NaN is refused. Decoding is a fixed 25
 float32-rounded values, so every host decodes a byte to the same number.
 
 Batch wire format (version 2). A batch is one :mod:`protocols.envelope` envelope sealed by its
-*origin*: kind ``"scalars"``, ``round`` = first step ``s``, ``seq`` = last step ``s + n − 1``, payload
+*origin*: kind ``"sb"``, ``round`` = first step ``s``, ``seq`` = last step ``s + n − 1``, payload
 ``0x02 | uvarint K | n·K codes`` (step-major: the code of ``(s + i, j)`` at offset ``i·K + j``). The
-origin is the envelope's sender, so a batch of ``n·K`` scalars costs ``n·K + 117`` bytes or so (the
+origin is the envelope's sender, so a batch of ``n·K`` scalars costs ``n·K + 106`` bytes or so (the
 version-1 msgpack batch in a version-1 envelope cost ``n·K + 286``).
 
 Signing. The envelope binds no receiver, so the exact sealed bytes can be forwarded by any node and
@@ -74,7 +74,7 @@ Q_MIN, Q_MAX = -64, 63
 MIN_MAGNITUDE = math.exp(Q_MIN / SCALE)
 MAX_MAGNITUDE = math.exp(Q_MAX / SCALE)
 REL_ERROR_BOUND = math.exp(1.0 / (2.0 * SCALE)) - 1.0
-ENVELOPE_KIND = "scalars"
+ENVELOPE_KIND = "sb"  # "SPSA batch": two letters, it is on the wire of every batch copy
 TAG_BYTES = 8
 MAX_RUNS = 32  # runs above the prefix a summary may list per origin
 Runs = tuple[tuple[int, int], ...]  # (first step, last step) of each run held above the prefix

@@ -2,14 +2,16 @@
 
 Three in-process runs (the daemon's SpsaNode, signed envelopes, in-memory transport whose byte
 counters see every message): (1) ``nodes`` nodes in ``--mode spsa`` for ``rounds`` rounds of
-``local_steps`` SPSA steps (``k`` scalars each), then the drain; (2) one node alone running the same
+``local_steps`` SPSA steps (``k`` scalars each), each node running its rounds without waiting for the
+others as daemons do (``lockstep`` puts them in step), then the drain; (2) one node alone running the same
 total number of perturbations, ``nodes × local_steps`` steps per round, on the whole fine-tuning split;
 (3) a shorter swarm (``join_steps`` per round) that one more node joins at round ``join_round`` by
 fetching the state from running peers. Reported: wire bytes per delivered scalar of run 1
 (``bytes_sent`` over all nodes ÷ (scalars produced × (nodes − 1)), everything included), the
 held-out loss after every round against the perturbations applied (runs 1 and 2, plot), the largest
-difference between any two nodes' models after the drain, and, in run 3, the joiner's largest
-difference from node 0 at its 5th round beside the same figure for two nodes that never left.
+difference between any two nodes' models after the drain, and, in run 3, from the joiner's 5th round
+on, its mean L2 distance to the old nodes over their mean pairwise distance (1.0: it is as close to
+them as they are to each other; mid-run every node lacks some of the scalars in flight).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class SpsaBenchOptions:
     join_round: int = 2
     join_steps: int = 300  # local steps per round in the separate run with a joiner
     seed: int = 0
+    lockstep: bool = False  # all nodes' rounds in step (else each node runs its rounds freely, as daemons do)
+    runs: tuple[str, ...] = ("swarm", "single", "join")
     eval_samples: int = 1000
     json_path: Path = field(default_factory=lambda: Path("runs/bench-spsa.json"))
     plot_path: Path = field(default_factory=lambda: Path("docs/bench-spsa.png"))
@@ -62,13 +66,37 @@ def _spsa_nodes(swarm: Any) -> list[SpsaNode]:
     return nodes
 
 
+def _spread(old: list[SpsaNode], joiner: SpsaNode) -> dict[str, float]:
+    """The joiner's mean L2 distance to the old nodes beside the old nodes' mean pairwise distance."""
+    models = torch.stack([n.trainer.get_flat() for n in old])
+    mine = joiner.trainer.get_flat()
+    pairs = [float((models[i] - models[j]).norm()) for i in range(len(old)) for j in range(i + 1, len(old))]
+    to_old = float((models - mine).norm(dim=1).mean())
+    among = sum(pairs) / len(pairs)
+    ratio = to_old / among if among else float("inf")
+    return {"joiner_to_old": to_old, "old_pairwise": among, "ratio": ratio}
+
+
 def _max_diff(nodes: list[Any]) -> float:
     models = torch.stack([n.trainer.get_flat() for n in nodes])
     return float((models - models[0]).abs().max())
 
 
+async def _free_rounds(o: SpsaBenchOptions, nodes: list[SpsaNode], curve: list[dict[str, Any]]) -> None:
+    """Every node runs its ``o.rounds`` rounds without waiting for the others; node 0 records the curve."""
+
+    async def loop(node: SpsaNode, record: bool) -> None:
+        for r in range(1, o.rounds + 1):
+            await node.run_round()
+            if record:
+                curve.append({"round": r, "scalars": node.scalars_applied, "loss": node.evaluate()[1]})
+
+    await asyncio.gather(*(loop(n, i == 0) for i, n in enumerate(nodes)))
+
+
 async def _swarm_run(o: SpsaBenchOptions, *, joiner_at: int | None, steps: int) -> dict[str, Any]:
-    """``o.nodes`` nodes for ``o.rounds`` rounds (+ drain); with ``joiner_at``, one more node joins then."""
+    """``o.nodes`` nodes for ``o.rounds`` rounds (+ drain); with ``joiner_at``, one more node joins then
+    (the run with a joiner is always in lockstep, so that "its 5th round" is one moment for everyone)."""
     from p2pnode.inproc import InprocSwarm
 
     extra = 1 if joiner_at is not None else 0
@@ -81,17 +109,25 @@ async def _swarm_run(o: SpsaBenchOptions, *, joiner_at: int | None, steps: int) 
     curve: list[dict[str, Any]] = [{"round": 0, "scalars": 0, "loss": nodes[0].evaluate()[1]}]
     join: dict[str, Any] | None = None
     members = list(nodes)
-    for r in range(1, o.rounds + 1):
+    free = joiner is None and not o.lockstep
+    if free:
+        await _free_rounds(o, nodes, curve)
+    for r in range(1, 0 if free else o.rounds + 1):
         if joiner is not None and record is not None and r == joiner_at:
             swarm.registry[record.peer_id] = record
             await joiner.transport.start(joiner.serve)
             joiner.config.spsa.join = True
             members.append(joiner)
         await asyncio.gather(*(n.run_round() for n in members))
-        if joiner is not None and r == (joiner_at or 0) + 4:  # the joiner's 5th round
-            join = {"joiner_vs_node0": _max_diff([nodes[0], joiner]), "node1_vs_node0": _max_diff(nodes[:2]),
-                    "joiner_summary_equals_node0": joiner.log.summary() == nodes[0].log.summary()}
+        if joiner is not None and r >= (joiner_at or 0) + 4:  # from the joiner's 5th round on
+            join = join or {"rounds": [], "joiner_vs_node0_at_5th": _max_diff([nodes[0], joiner]),
+                            "node1_vs_node0_at_5th": _max_diff(nodes[:2])}
+            join["rounds"].append(_spread(nodes, joiner))
         curve.append({"round": r, "scalars": nodes[0].scalars_applied, "loss": nodes[0].evaluate()[1]})
+    if join is not None:
+        ratios = sorted(x["ratio"] for x in join["rounds"])
+        join["median_ratio"] = ratios[len(ratios) // 2]
+        join["max_ratio"] = ratios[-1]
     await asyncio.gather(*(n.drain() for n in members))
     produced = sum(n.scalars_produced for n in members)
     sent = sum(n.transport.stats.bytes_sent for n in members)
@@ -120,16 +156,18 @@ async def _single_run(o: SpsaBenchOptions) -> dict[str, Any]:
 def run_spsa_bench(o: SpsaBenchOptions) -> dict[str, Any]:
     """Both runs, the JSON and the plot; returns the result."""
     torch.set_num_threads(1)
-    t0 = time.time()
-    swarm = asyncio.run(_swarm_run(o, joiner_at=None, steps=o.local_steps))
-    t1 = time.time()
-    single = asyncio.run(_single_run(o))
-    t2 = time.time()
-    join = asyncio.run(_swarm_run(o, joiner_at=o.join_round, steps=o.join_steps))
-    t3 = time.time()
-    result = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(o).items()},
-              "swarm": {**swarm, "wall_time_s": t1 - t0}, "single": {**single, "wall_time_s": t2 - t1},
-              "join_run": {**join, "wall_time_s": t3 - t2}}
+    unknown = set(o.runs) - {"swarm", "single", "join"}
+    if unknown:
+        raise ValueError(f"unknown runs {sorted(unknown)}: choose from swarm, single, join")
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(o).items()}
+    result: dict[str, Any] = {"options": options}
+    jobs = {"swarm": lambda: _swarm_run(o, joiner_at=None, steps=o.local_steps),
+            "single": lambda: _single_run(o),
+            "join_run": lambda: _swarm_run(o, joiner_at=o.join_round, steps=o.join_steps)}
+    for key, job in jobs.items():
+        if key.removesuffix("_run") in o.runs:
+            t0 = time.time()
+            result[key] = {**asyncio.run(job()), "wall_time_s": time.time() - t0}
     o.json_path.parent.mkdir(parents=True, exist_ok=True)
     o.json_path.write_text(json.dumps(result, indent=2) + "\n")
     plot_curves(result, o.plot_path)
@@ -145,6 +183,8 @@ def plot_curves(result: dict[str, Any], out: Path) -> Path:
     ax = fig.add_subplot()
     n = result["options"]["nodes"]
     for key, label in (("swarm", f"swarm of {n} (one-byte gossip)"), ("single", "one node, MeZO")):
+        if key not in result:
+            continue
         curve = result[key]["curve"]
         ax.plot([c["scalars"] for c in curve], [c["loss"] for c in curve], marker="o", label=label)
     ax.set_xlabel("perturbations applied to the model")

@@ -17,6 +17,7 @@ from protocols.envelope import seal
 from protocols.errors import ProtocolError, TooLarge
 from protocols.spsa import (
     DECODE_TABLE,
+    ENVELOPE_KIND,
     MAX_MAGNITUDE,
     MIN_MAGNITUDE,
     REL_ERROR_BOUND,
@@ -209,12 +210,12 @@ def test_only_the_origin_can_seal() -> None:
 
 def test_a_batch_is_its_sealers_and_a_sealed_size_is_small() -> None:
     payload = encode_batch(batch(ALICE.peer_id, 0, [1, 2]))
-    sealed = seal(BOB, kind="scalars", swarm=SWARM, round=0, seq=0, payload=payload)
+    sealed = seal(BOB, kind=ENVELOPE_KIND, swarm=SWARM, round=0, seq=0, payload=payload)
     assert open_batch(sealed, swarm=SWARM, max_steps=4, max_k=2).origin == BOB.peer_id  # never ALICE's
     codes = bytes(250)
     big = ScalarBatch(origin=ALICE.peer_id, start=10_000, k=1, codes=codes)
     size = len(seal_batch(ALICE, big, swarm=SWARM))
-    assert size - len(codes) <= 99 + len("scalars") + 3 + 3 + 2  # 286 bytes of overhead in version 1
+    assert size - len(codes) <= 99 + len(ENVELOPE_KIND) + 3 + 3 + 2  # 286 bytes of overhead in version 1
 
 
 @pytest.mark.parametrize("kw", [{"swarm": "other"}, {"max_steps": 1}, {"max_k": 1}])
@@ -227,7 +228,7 @@ def test_open_batch_checks_swarm_and_limits(kw: dict[str, object]) -> None:
 
 def test_open_batch_refuses_mismatched_envelope_counters_and_kinds() -> None:
     payload = encode_batch(batch(ALICE.peer_id, 4, [1, 2]))
-    for kind, rnd in (("scalars", 3), ("model", 4)):
+    for kind, rnd in ((ENVELOPE_KIND, 3), ("model", 4)):
         with pytest.raises(SpsaError):
             open_batch(seal(ALICE, kind=kind, swarm=SWARM, round=rnd, seq=4, payload=payload),
                        swarm=SWARM, max_steps=4, max_k=2)

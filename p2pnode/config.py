@@ -171,7 +171,7 @@ class SpsaConfig:
     lr: float = _doc("SPSA learning rate η: θ ← θ − η ĝ z", 1e-4)
     drain_rounds: int = _doc("after the last round, at most this many rounds of exchange with every live "
                              "peer (no producing), until all hold every scalar", 30)
-    probe_every: int = _doc("compare the model with peers at 64 fixed coordinates every N rounds "
+    probe_every: int = _doc("compare the model with peers at 16 fixed coordinates every N rounds "
                             "(0 = never)", 2)
     tolerance: float = _doc("largest probe difference between nodes that applied the same scalars", 1e-4)
     join: bool = _doc("fetch the model and scalar log from running peers before the first round", False)

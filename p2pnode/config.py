@@ -120,7 +120,8 @@ class GossipConfig:
 
     rounds: int = _doc("rounds to run (0 = until stopped)", 0)
     mode: str = _doc("what is gossiped: gossip (models, merged by the defense) | spsa (one-byte SPSA "
-                     "scalars)", "gossip")
+                     "scalars) | increments (compressed increments to every peer, FedAvg with error "
+                     "feedback; --defense mean only)", "gossip")
     fanout: int = _doc("peers sampled for a push-pull exchange each round (k)", 2)
     defense: str = _doc("merge rule NAME[:ARGS]: mean | nna:F | median | trimmed-mean:F | krum:F | "
                         "multi-krum:F,M | centered-clip:TAU | sybilwall | bristle[:ALPHA]", "mean")
@@ -129,6 +130,8 @@ class GossipConfig:
     codec: str = _doc("model exchange codec NAME[:ARGS]: dense | fp16 | bf16 | int8 | topk:RATIO | "
                       "powersgd:RANK | terngrad; every codec but dense sends the difference to a per-peer "
                       "reference", "dense")
+    increments_warmup: int = _doc("--mode increments with topk:RATIO: rounds 1..N keep RATIO·2^(N−r+1) "
+                                  "(capped at 1), e.g. 4× then 2× with N = 2", 2)
     overlap: bool = _doc("run the next round's local steps while this round's exchange is in flight (the "
                          "merge is applied as a delta, so they are kept)", False)
     codec_peers: int = _doc("peers whose codec references are kept (least recently used dropped)", 32)
@@ -139,7 +142,12 @@ class GossipConfig:
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 0, "gossip.rounds", self.rounds, "integer >= 0 (0 = forever)")
-        _require(self.mode in ("gossip", "spsa"), "gossip.mode", self.mode, "gossip | spsa")
+        _require(self.mode in ("gossip", "spsa", "increments"), "gossip.mode", self.mode,
+                 "gossip | spsa | increments")
+        _require(self.mode != "increments" or self.defense == "mean", "gossip.defense", self.defense,
+                 "mean with --mode increments (it merges by the plain mean; not Byzantine-robust)")
+        _require(self.increments_warmup >= 0, "gossip.increments_warmup", self.increments_warmup,
+                 "integer >= 0")
         _require(self.fanout >= 0, "gossip.fanout", self.fanout, "integer >= 0")
         _require(self.max_inbox >= 1, "gossip.max_inbox", self.max_inbox, "integer >= 1")
         _require(self.codec_peers >= 1, "gossip.codec_peers", self.codec_peers, "integer >= 1")

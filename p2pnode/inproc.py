@@ -56,7 +56,7 @@ class InprocOptions:
     lr: float = 0.05
     defense: str = "mean"
     codec: str = "dense"
-    mode: str = "gossip"  # or "spsa" (then ``extra`` may hold SpsaConfig fields, e.g. {"lr": 1e-4})
+    mode: str = "gossip"  # | "increments" | "spsa" (``extra`` may then hold SpsaConfig fields: {"lr": 1e-4})
     variance_correction: bool = False
     seed: int = 0
     independent_init: bool = False  # each node starts from its own random weights (vanishing variance)
@@ -131,6 +131,10 @@ def _default_factory(config: NodeConfig, identity: Identity, trainer: LocalTrain
 
         task = make_task(config.task.name, config.task.data_dir)
         return make_spsa_node(config, identity, trainer, transport, view, task)
+    if config.gossip.mode == "increments":
+        from p2pnode.increments_node import make_increments_node
+
+        return make_increments_node(config, identity, trainer, transport, view)
     aggregator = make_aggregator(config.gossip.defense, variance_correction=config.gossip.variance_correction)
     return make_node(config, identity, trainer, transport, view, aggregator,
                      extension=build_extension(config, identity, trainer))

@@ -492,6 +492,10 @@ class NodeRuntime:
                 from p2pnode.spsa_node import make_spsa_node
 
                 node: Node = make_spsa_node(cfg, identity, trainer, transport, membership, task)
+            elif cfg.gossip.mode == "increments":
+                from p2pnode.increments_node import make_increments_node
+
+                node = make_increments_node(cfg, identity, trainer, transport, membership)
             else:
                 node = make_node(cfg, identity, trainer, transport, membership, aggregator,
                                  extension=build_extension(cfg, identity, trainer))

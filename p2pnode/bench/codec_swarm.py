@@ -5,7 +5,8 @@ codec as the only difference: same task, shards, seed, rounds, fanout and H. Rep
 honest nodes' mean and minimum test accuracy, bytes sent per node (counted at the transport: every
 envelope, signature, header and reference snapshot included), the ratio of dense's bytes to the
 codec's, and the wall time. Results are appended to the JSON file as each run finishes; a rerun skips
-codecs already there.
+codecs already there. ``--mode increments`` runs every swarm in that mode (``p2pnode run --mode``)
+instead of the default model gossip; its rows are then compared with its own dense row.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class CodecSwarmOptions:
     fanout: int = 2
     local_steps: int = 20
     seed: int = 0
+    mode: str = "gossip"  # gossip.mode of every node: gossip | increments
     codecs: tuple[str, ...] = CODECS
     out_dir: Path = field(default_factory=lambda: Path("runs/bench-codec-swarm"))
     json_path: Path = field(default_factory=lambda: Path("runs/bench-codec-swarm.json"))
@@ -46,14 +48,15 @@ def run_codec_swarm_bench(opts: CodecSwarmOptions, *,
 
     data = load_results(opts.json_path, "rows")
     data["options"] = {"nodes": opts.nodes, "rounds": opts.rounds, "task": opts.task, "fanout": opts.fanout,
-                       "local_steps": opts.local_steps, "seed": opts.seed}
+                       "local_steps": opts.local_steps, "seed": opts.seed, "mode": opts.mode}
     done = {r["codec"] for r in data["rows"]}
     for codec in opts.codecs:
         if codec in done:
             continue
-        out = opts.out_dir / codec.replace(":", "-")
+        out = opts.out_dir / (codec if opts.mode == "gossip" else f"{opts.mode}-{codec}").replace(":", "-")
         swarm = SwarmOptions(nodes=opts.nodes, rounds=opts.rounds, task=opts.task, fanout=opts.fanout,
-                             local_steps=opts.local_steps, seed=opts.seed, codec=codec, out=out)
+                             local_steps=opts.local_steps, seed=opts.seed, codec=codec, out=out,
+                             extra_args=[] if opts.mode == "gossip" else ["--mode", opts.mode])
         summary = run_swarm(swarm, live=False)
         nodes = summary["nodes"]
         row = {"codec": codec, "honest_accuracy_mean": summary["honest_accuracy_mean"],

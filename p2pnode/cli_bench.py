@@ -123,6 +123,7 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--rounds", type=int, default=c.rounds, help=f"rounds (default {c.rounds})")
     p.add_argument("--task", default=c.task, help=f"task (default {c.task})")
     p.add_argument("--fanout", type=int, default=c.fanout, help=f"peers per round (default {c.fanout})")
+    p.add_argument("--seed", type=int, default=c.seed, help=f"seed of every swarm (default {c.seed})")
     p.add_argument("--mode", choices=("gossip", "increments"), default=c.mode,
                    help=f"what every node exchanges (see `p2pnode run --mode`; default {c.mode})")
     p.add_argument("--codecs", type=_csv(str), default=c.codecs,
@@ -276,7 +277,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
         data = run_codec_swarm_bench(
             CodecSwarmOptions(nodes=ns.nodes, rounds=ns.rounds, task=ns.task, fanout=ns.fanout,
-                              mode=ns.mode, codecs=ns.codecs, out_dir=ns.out_dir, json_path=ns.json),
+                              seed=ns.seed, mode=ns.mode, codecs=ns.codecs, out_dir=ns.out_dir,
+                              json_path=ns.json),
             on_row=lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
         print(format_table(data))
         print(f"results: {ns.json}")

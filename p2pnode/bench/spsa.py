@@ -174,22 +174,27 @@ def run_spsa_bench(o: SpsaBenchOptions) -> dict[str, Any]:
     return result
 
 
-def plot_curves(result: dict[str, Any], out: Path) -> Path:
+def plot_curves(results: dict[str, Any] | list[dict[str, Any]], out: Path) -> Path:
+    """Held-out loss against perturbations applied, swarm and single node, for one result or several
+    (repeats of the same setting: one colour per kind of run, one line per repeat)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    runs = results if isinstance(results, list) else [results]
     fig = Figure(figsize=(6.4, 4.0))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    n = result["options"]["nodes"]
-    for key, label in (("swarm", f"swarm of {n} (one-byte gossip)"), ("single", "one node, MeZO")):
-        if key not in result:
-            continue
-        curve = result[key]["curve"]
-        ax.plot([c["scalars"] for c in curve], [c["loss"] for c in curve], marker="o", label=label)
+    n = runs[0]["options"]["nodes"]
+    for key, label, colour in (("swarm", f"swarm of {n} (one-byte gossip)", "tab:blue"),
+                               ("single", "one node, MeZO", "tab:orange")):
+        for i, result in enumerate(r for r in runs if key in r):
+            curve = result[key]["curve"]
+            ax.plot([c["scalars"] for c in curve], [c["loss"] for c in curve], marker="o", markersize=3,
+                    color=colour, alpha=0.8, label=label if i == 0 else None)
     ax.set_xlabel("perturbations applied to the model")
     ax.set_ylabel("held-out loss (nats/char)")
-    ax.set_title(f"SPSA fine-tuning: {result['options']['task']}")
+    title = f"SPSA fine-tuning: {runs[0]['options']['task']}"
+    ax.set_title(title + (f" ({len(runs)} repeats)" if len(runs) > 1 else ""))
     ax.legend()
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

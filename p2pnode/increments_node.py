@@ -1,4 +1,4 @@
-"""``--mode increments``: FedAvg over an all-to-all relay of compressed increments, with error feedback.
+"""``--mode increments``: FedAvg where each node pushes its compressed increment to every peer (with EF).
 
 Every node keeps a global model ``G`` (``x0`` at the start: every node builds the same initial model)
 and a residual ``e`` (zero at the start). Round ``r`` of node ``i``:

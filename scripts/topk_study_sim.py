@@ -79,15 +79,9 @@ def mom_flat(tr: LocalTrainer) -> list[torch.Tensor] | None:
 
 def mask_momentum(tr: LocalTrainer, mask: torch.Tensor) -> None:
     """Zero the momentum buffer where ``mask`` (flat bool) is True (DGC momentum factor masking)."""
-    bufs = mom_flat(tr)
-    if bufs is None:
-        return
-    off = 0
-    with torch.no_grad():
-        for b in bufs:
-            m = mask[off:off + b.numel()].view_as(b)
-            b.masked_fill_(m, 0.0)
-            off += b.numel()
+    v = momentum_vec(tr)
+    if v is not None:
+        set_momentum(tr, v.masked_fill(mask, 0.0))
 
 
 def momentum_vec(tr: LocalTrainer) -> torch.Tensor | None:

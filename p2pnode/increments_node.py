@@ -22,7 +22,10 @@ its own server; it merges by the plain mean and is **not** Byzantine-robust (a s
 Receiving: the envelope is verified before anything in it is parsed; one increment per (origin, round)
 is kept, for rounds ``applied < r ≤ applied + WINDOW``; a second copy is rejected (a different one is an
 equivocation and counted as such), a round outside the window is rejected, and an increment for a round
-already applied (``applied − WINDOW < r ≤ applied``) is acknowledged but dropped and counted as late.
+already applied (``applied − WINDOW < r ≤ applied``) is counted as late and still added: that round's
+mean is recomputed with it (``G += (S + q)/(m + 1) − S/m``, ``S`` the round's sum of ``m`` increments), so
+a node that got it late ends up with the G of the nodes that got it on time (to float rounding, no
+longer bit for bit). An increment that never arrives is not fetched again: there is no anti-entropy.
 Each is decoded by the codec, which checks sizes before allocating. The reply is a signed ``ia``
 envelope with an empty payload. Memory is bounded: increments are kept only for rounds in the window,
 from at most ``gossip.max_inbox`` origins per round.
@@ -93,7 +96,10 @@ class IncrementsNode(Node):
         self.global_model = trainer.get_flat()  # G: x0, the same on every node
         self.residual = torch.zeros_like(self.global_model)  # e
         self.applied = 0  # the last round whose increments were added to G
-        self.held: dict[int, dict[str, Held]] = {}  # round -> origin -> increment, rounds in the window
+        self.held: dict[int, dict[str, Held]] = {}  # round -> origin -> increment, rounds not applied yet
+        # the last WINDOW applied rounds: (origin -> payload digest, sum of their increments, count)
+        self._applied_rounds: dict[int, tuple[dict[str, bytes], torch.Tensor, int]] = {}
+        self._round_start = self.global_model  # the G this round's training started from
         self._known: dict[str, MembershipRecord] = {}  # every peer seen live (its addresses)
         self.held_senders_of_last_round: frozenset[str] = frozenset()  # peers applied last round
         self._arrived = asyncio.Event()
@@ -107,8 +113,7 @@ class IncrementsNode(Node):
         """Keep the increment in a verified envelope (ProtocolError if it is refused)."""
         r = env.round
         if max(0, self.applied - WINDOW) < r <= self.applied:
-            self.increments_late += 1
-            logger.info("late increment of round %d from %s dropped (applied %d)", r, sender, self.applied)
+            self._take_late(sender, r, env.payload)
             return
         if not self.applied < r <= self.applied + WINDOW:
             raise ProtocolError(f"increment for round {r} is outside our window "
@@ -127,6 +132,25 @@ class IncrementsNode(Node):
         self.held.setdefault(r, {})[sender] = Held(digest, value)
         self._arrived.set()
 
+    def _take_late(self, sender: str, r: int, payload: bytes) -> None:
+        """An increment for applied round ``r``: recompute that round's mean with it (module docstring)."""
+        digests, total, m = self._applied_rounds[r]
+        digest = hashlib.sha256(payload).digest()
+        prev = digests.get(sender)
+        if prev is not None:
+            if prev != digest:
+                self.equivocations += 1
+                raise Equivocation(f"a second, different increment for round {r}")
+            raise ProtocolError(f"a second copy of the increment for round {r}")
+        if len(digests) >= self.config.gossip.max_inbox:
+            raise ProtocolError(f"already {len(digests)} increments for round {r} (gossip.max_inbox)")
+        value = self.codec.decode(payload, self.layout)
+        new_total = total + value
+        self.global_model = self.global_model + (new_total / (m + 1) - total / m)
+        self._applied_rounds[r] = ({**digests, sender: digest}, new_total, m + 1)
+        self.increments_late += 1
+        logger.info("late increment of round %d from %s added (applied %d)", r, sender, self.applied)
+
     async def serve(self, sender: str, request: bytes) -> bytes:
         """Transport handler: keep a pushed increment, reply with a signed empty acknowledgement."""
         try:
@@ -141,7 +165,7 @@ class IncrementsNode(Node):
     def compress(self, x: torch.Tensor, round: int) -> bytes:
         """Steps 3–4: encode ``u = e + (x − G)``, keep the decoded ``q`` as our own increment of ``round``
         and ``u − q`` as the residual; return the payload."""
-        u = self.residual + (x - self.global_model)
+        u = self.residual + (x - self._round_start)
         codec = warmup_codec(self.codec, round, self.config.gossip.increments_warmup)
         payload = codec.encode(u, self.layout, self._codec_state if codec is self.codec else None)
         q = self.codec.decode(payload, self.layout)
@@ -198,16 +222,19 @@ class IncrementsNode(Node):
         self.global_model = self.global_model + total / len(increments)
         self.held_senders_of_last_round = frozenset(increments) - {self.identity.peer_id}
         self.applied = round
+        self._applied_rounds[round] = ({o: h.digest for o, h in increments.items()}, total, len(increments))
         for r in [r for r in self.held if r <= round]:
             del self.held[r]
+        for r in [r for r in self._applied_rounds if r <= round - WINDOW]:
+            del self._applied_rounds[r]
         return len(increments)
 
     async def run_round(self) -> RoundReport:
         cfg = self.config
         self.round += 1
         r = self.round
-        self._last_good = self.global_model
-        await asyncio.to_thread(self.trainer.set_flat_, self.global_model)
+        self._last_good = self._round_start = self.global_model
+        await asyncio.to_thread(self.trainer.set_flat_, self._round_start)
         loss = await asyncio.to_thread(self.local_training, cfg.task.local_steps)
         x = await asyncio.to_thread(self.trainer.get_flat)
         if not torch.isfinite(x).all():

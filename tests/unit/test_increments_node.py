@@ -35,7 +35,7 @@ def test_every_node_holds_the_same_global_model_and_it_learns(codec: str) -> Non
     first = nodes[0].global_model
     assert all(torch.equal(n.global_model, first) for n in nodes)  # bit-identical, not merely close
     assert all(torch.equal(n.trainer.get_flat(), first) for n in nodes)  # the model evaluated is G
-    assert all(n.applied == 4 and not n.held for n in nodes)
+    assert all(n.applied == 4 and not n.held for n in nodes)  # applied rounds leave the pending table
     assert min(r["test_accuracy"] for r in results) > max(0.6, before + 0.4)  # digits from a random init
     assert all(r["messages_rejected"] == 0 and r["increments_missing"] == 0 for r in results)
     assert all(r["increments_late"] == 0 and r["equivocations"] == 0 for r in results)
@@ -108,6 +108,29 @@ def test_refused_increments_are_counted_and_the_node_keeps_going() -> None:
     assert torch.isfinite(a.global_model).all()
     assert a.trainer.evaluate(400)[0] > 0.5
     assert [c["messages_rejected"] for c in counters] == [8, 0, 0]
+
+
+def test_a_late_increment_is_added_to_its_round_so_the_node_catches_up_with_those_that_had_it() -> None:
+    async def scenario() -> tuple[IncrementsNode, IncrementsNode, IncrementsNode]:
+        swarm, (a, b, c) = _swarm("dense", nodes=3, rounds=3)
+        for n in (a, b, c):
+            await n.transport.start(n.serve)
+        await asyncio.gather(*(n.run_round() for n in (a, b, c)))
+        extra = Identity.generate()  # a contributor the three do not wait for
+        payload = a.codec.encode(torch.full_like(a.global_model, 0.01), a.layout)
+        late = seal(extra, kind=KIND_INCREMENT, swarm="inproc", round=2, seq=1, payload=payload)
+        await a.serve(extra.peer_id, late)  # on time for a: part of its round-2 mean
+        await asyncio.gather(*(n.run_round() for n in (a, b, c)))
+        await b.serve(extra.peer_id, late)  # after b applied round 2: added late
+        with pytest.raises(MessageRejected):
+            await b.serve(extra.peer_id, late)  # and only once
+        return a, b, c
+
+    a, b, c = asyncio.run(scenario())
+
+    assert (a.increments_late, b.increments_late, c.increments_late) == (0, 1, 0)
+    assert torch.allclose(b.global_model, a.global_model, rtol=0, atol=1e-6)  # b caught up with a
+    assert not torch.allclose(c.global_model, a.global_model, rtol=0, atol=1e-4)  # c never got it
 
 
 def test_increments_mode_refuses_a_robust_defense() -> None:

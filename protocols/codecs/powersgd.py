@@ -184,6 +184,13 @@ class PowerSGDCodec(Codec):
         body = torch.from_numpy(body_np.copy())
         out_np = np.empty(layout.numel, dtype=np.float32)
         out = torch.from_numpy(out_np)
+        self._expand(body, out, layout)
+        wire.check_finite(out_np, "powersgd reconstruction")
+        return out
+
+    def _expand(self, body: torch.Tensor, out: torch.Tensor, layout: Layout) -> None:
+        """Write into ``out`` what the payload body holds: small tensors as they are, the others as
+        ``P Qᵀ`` (overflow gives Inf, which the callers refuse)."""
         pos = 0
         for shape, start, end in zip(layout.shapes, layout.offsets[:-1], layout.offsets[1:]):
             dims = low_rank_dims(shape, self.rank)
@@ -194,10 +201,8 @@ class PowerSGDCodec(Codec):
             (n, m), r = dims, self.rank
             p = body[pos:pos + n * r].reshape(n, r)
             q = body[pos + n * r:pos + (n + m) * r].reshape(m, r)
-            torch.mm(p, q.T, out=out[start:end].view(n, m))  # overflow gives Inf, refused below
+            torch.mm(p, q.T, out=out[start:end].view(n, m))
             pos += (n + m) * r
-        wire.check_finite(out_np, "powersgd reconstruction")
-        return out
 
     def _decode_on(self, device: torch.device, view: memoryview, layout: Layout) -> torch.Tensor:
         """:meth:`decode` on ``device``: the factors are copied there and multiplied there."""
@@ -205,18 +210,7 @@ class PowerSGDCodec(Codec):
                               device)
         wire.check_finite_output(body, "powersgd payload")
         out = torch.empty(layout.numel, dtype=torch.float32, device=device)
-        pos = 0
-        for shape, start, end in zip(layout.shapes, layout.offsets[:-1], layout.offsets[1:]):
-            dims = low_rank_dims(shape, self.rank)
-            if dims is None:
-                out[start:end] = body[pos:pos + end - start]
-                pos += end - start
-                continue
-            (n, m), r = dims, self.rank
-            p = body[pos:pos + n * r].reshape(n, r)
-            q = body[pos + n * r:pos + (n + m) * r].reshape(m, r)
-            torch.mm(p, q.T, out=out[start:end].view(n, m))  # overflow gives Inf, refused below
-            pos += (n + m) * r
+        self._expand(body, out, layout)
         wire.check_finite_output(out, "powersgd reconstruction")
         return out
 

@@ -181,8 +181,8 @@ class InprocSwarm:
             view = FullView(identity.peer_id, self.registry, random.Random(f"{opts.seed}/{i}"))
             self.nodes.append(factory(cfg, identity, trainer, transport, view))
             self.registry[identity.peer_id] = MembershipRecord(
-                peer_id=identity.peer_id, swarm="inproc", maddrs=(), round=0, mode="gossip", codec=opts.codec,
-                model_fingerprint=b"", timestamp=time.time())
+                peer_id=identity.peer_id, swarm="inproc", maddrs=(), round=0, mode=opts.mode,
+                codec=opts.codec, model_fingerprint=b"", timestamp=time.time())
 
     async def run(self, progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
         """Run every round on every node; return the final per-node results."""

@@ -266,31 +266,36 @@ class Membership:
         Peer sampling randomness (seeded by the node).
     max_peers:
         Largest live view and unreachable table kept.
+    mode, codec:
+        What this node runs (``gossip.mode``, ``gossip.codec``), advertised in its record; peers whose
+        record names another mode are left out of the live view (they could not understand each other),
+        counted in ``other_mode`` at each refresh.
     """
 
     def __init__(self, dht: hivemind.DHT, identity: Identity, *, swarm: str, heartbeat_s: float, ttl_s: float,
                  unreachable_s: float, dht_timeout: float, rng: random.Random, max_peers: int = 10_000,
-                 max_ttl_s: float = DEFAULT_MAX_TTL_S) -> None:
+                 max_ttl_s: float = DEFAULT_MAX_TTL_S, mode: str = "gossip", codec: str = "dense") -> None:
         if not 0 < heartbeat_s < ttl_s <= max_ttl_s:
             raise ValueError(f"need 0 < heartbeat_s ({heartbeat_s}) < ttl_s ({ttl_s}) <= {max_ttl_s}")
         self.dht, self.identity, self.swarm = dht, identity, swarm
         self.key = swarm_key(swarm)
         self.heartbeat_s, self.ttl_s, self.unreachable_s = heartbeat_s, ttl_s, unreachable_s
         self.dht_timeout, self.rng, self.max_peers, self.max_ttl_s = dht_timeout, rng, max_peers, max_ttl_s
+        self.mode, self.codec = mode, codec
         self.rejected = 0  # records that failed local verification, over this object's life
+        self.other_mode = 0  # valid records of peers running another mode, at the last refresh
         self._live: list[MembershipRecord] = []
         self._unreachable: OrderedDict[str, float] = OrderedDict()  # peer id -> monotonic mark time
         self._maddrs: tuple[str, ...] | None = None
 
-    async def publish(self, *, round: int, model_fingerprint: bytes, mode: str = "gossip",
-                      codec: str = "dense") -> None:
+    async def publish(self, *, round: int, model_fingerprint: bytes) -> None:
         """Store this node's signed record with expiration ``now + ttl_s``; MembershipError on failure."""
         if self._maddrs is None:
             self._maddrs = tuple(await _get_visible(self.dht, self.dht_timeout))[:16]
         now = get_dht_time()
         rec = MembershipRecord(peer_id=self.identity.peer_id, swarm=self.swarm, maddrs=self._maddrs,
-                               round=round, mode=mode, codec=codec, model_fingerprint=model_fingerprint,
-                               timestamp=now)
+                               round=round, mode=self.mode, codec=self.codec,
+                               model_fingerprint=model_fingerprint, timestamp=now)
         future = self.dht.store(self.key, pack_record(rec, self.identity), expiration_time=now + self.ttl_s,
                                 subkey=rec.peer_id, return_future=True)
         if not await _await_mp(future, self.dht_timeout, "store"):
@@ -309,7 +314,12 @@ class Membership:
             self.rejected += 1
             entries = {}
         self._expire_unreachable()
-        live = [rec for owner, item in entries.items() if (rec := self._accept(owner, item)) is not None]
+        valid = [rec for owner, item in entries.items() if (rec := self._accept(owner, item)) is not None]
+        live = [rec for rec in valid if rec.mode == self.mode]
+        if len(live) < len(valid) and not self.other_mode:
+            logger.warning("%d peers of swarm %s run another --mode than %s: left out of the view",
+                           len(valid) - len(live), self.swarm, self.mode)
+        self.other_mode = len(valid) - len(live)
         if len(live) > self.max_peers:
             live = self.rng.sample(live, self.max_peers)
         self._live = sorted(live, key=lambda rec: rec.peer_id)

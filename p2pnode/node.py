@@ -487,7 +487,8 @@ class NodeRuntime:
             rng = random.Random(f"{cfg.seed}/{identity.peer_id}")
             membership = Membership(dht, identity, swarm=net.swarm, heartbeat_s=net.heartbeat_s,
                                     ttl_s=net.record_ttl_s, unreachable_s=net.unreachable_s,
-                                    dht_timeout=cfg.timeouts.dht, rng=rng)
+                                    dht_timeout=cfg.timeouts.dht, rng=rng, mode=cfg.gossip.mode,
+                                    codec=cfg.gossip.codec)
             if cfg.gossip.mode == "spsa":
                 from p2pnode.spsa_node import make_spsa_node
 

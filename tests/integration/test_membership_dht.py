@@ -272,6 +272,21 @@ def test_refresh_never_trusts_the_dht() -> None:
     assert membership.rejected == 5
 
 
+def test_peers_of_another_mode_are_left_out_of_the_view() -> None:
+    me, alice, bob = (Identity.generate() for _ in range(3))
+    now = get_dht_time()
+    spsa = dataclasses.replace(_record(bob.peer_id, round=1, timestamp=now), mode="spsa")
+    table = {alice.peer_id: (pack_record(_record(alice.peer_id, round=1, timestamp=now), alice), now + 5),
+             bob.peer_id: (pack_record(spsa, bob), now + 5)}
+    gossip = _fake_membership(FakeDHT(table), me)
+    spsa_view = Membership(FakeDHT(table), me, swarm=SWARM, heartbeat_s=0.05, ttl_s=5,  # type: ignore[arg-type]
+                           unreachable_s=5, dht_timeout=1, rng=random.Random(0), mode="spsa")
+
+    assert [r.peer_id for r in asyncio.run(gossip.refresh())] == [alice.peer_id]
+    assert [r.peer_id for r in asyncio.run(spsa_view.refresh())] == [bob.peer_id]
+    assert (gossip.other_mode, spsa_view.other_mode, gossip.rejected) == (1, 1, 0)
+
+
 def test_run_survives_dht_failures_and_sets_ready_once_published() -> None:
     me = Identity.generate()
     dht = FakeDHT({}, failures=2)

@@ -118,38 +118,36 @@ class IncrementsNode(Node):
         if not self.applied < r <= self.applied + WINDOW:
             raise ProtocolError(f"increment for round {r} is outside our window "
                                 f"({self.applied - WINDOW + 1}..{self.applied + WINDOW})")
-        digest = hashlib.sha256(env.payload).digest()
         round_held = self.held.get(r, {})
         prev = round_held.get(sender)
-        if prev is not None:
-            if prev.digest != digest:
-                self.equivocations += 1
-                raise Equivocation(f"a second, different increment for round {r}")
-            raise ProtocolError(f"a second copy of the increment for round {r}")
-        if len(round_held) >= self.config.gossip.max_inbox:
-            raise ProtocolError(f"already {len(round_held)} increments for round {r} (gossip.max_inbox)")
-        value = self.codec.decode(env.payload, self.layout)  # CodecError (a ProtocolError) if malformed
+        digest, value = self._admit(sender, r, env.payload, prev.digest if prev else None, len(round_held))
         self.held.setdefault(r, {})[sender] = Held(digest, value)
         self._arrived.set()
 
     def _take_late(self, sender: str, r: int, payload: bytes) -> None:
         """An increment for applied round ``r``: recompute that round's mean with it (module docstring)."""
         digests, total, m = self._applied_rounds[r]
-        digest = hashlib.sha256(payload).digest()
-        prev = digests.get(sender)
-        if prev is not None:
-            if prev != digest:
-                self.equivocations += 1
-                raise Equivocation(f"a second, different increment for round {r}")
-            raise ProtocolError(f"a second copy of the increment for round {r}")
-        if len(digests) >= self.config.gossip.max_inbox:
-            raise ProtocolError(f"already {len(digests)} increments for round {r} (gossip.max_inbox)")
-        value = self.codec.decode(payload, self.layout)
+        digest, value = self._admit(sender, r, payload, digests.get(sender), len(digests))
         new_total = total + value
         self.global_model = self.global_model + (new_total / (m + 1) - total / m)
         self._applied_rounds[r] = ({**digests, sender: digest}, new_total, m + 1)
         self.increments_late += 1
         logger.info("late increment of round %d from %s added (applied %d)", r, sender, self.applied)
+
+    def _admit(self, sender: str, r: int, payload: bytes, prev: bytes | None, count: int
+               ) -> tuple[bytes, torch.Tensor]:
+        """Check a new increment of ``sender`` for round ``r`` against what that round holds (``prev``: the
+        digest already held from ``sender``, ``count``: increments held) and decode it; returns its
+        digest and value. ProtocolError (Equivocation, CodecError) if it is refused."""
+        digest = hashlib.sha256(payload).digest()
+        if prev is not None:
+            if prev != digest:
+                self.equivocations += 1
+                raise Equivocation(f"a second, different increment for round {r}")
+            raise ProtocolError(f"a second copy of the increment for round {r}")
+        if count >= self.config.gossip.max_inbox:
+            raise ProtocolError(f"already {count} increments for round {r} (gossip.max_inbox)")
+        return digest, self.codec.decode(payload, self.layout)  # CodecError (a ProtocolError) if malformed
 
     async def serve(self, sender: str, request: bytes) -> bytes:
         """Transport handler: keep a pushed increment, reply with a signed empty acknowledgement."""

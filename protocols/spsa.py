@@ -426,9 +426,9 @@ def decode_summary(data: bytes, *, max_origins: int) -> dict[bytes, Holding]:
                     raise SpsaError("summary run goes past step 2**63")
                 runs.append((first, end))
             out[tag] = (value - 1, tuple(runs))
-    except ProtocolError as exc:
-        if isinstance(exc, SpsaError):
-            raise
+    except SpsaError:
+        raise
+    except ProtocolError as exc:  # from read_uvarint
         raise SpsaError(f"bad summary: {exc}") from exc
     return out
 

@@ -112,7 +112,8 @@ async def _swarm_run(o: SpsaBenchOptions, *, joiner_at: int | None, steps: int) 
     free = joiner is None and not o.lockstep
     if free:
         await _free_rounds(o, nodes, curve)
-    for r in range(1, 0 if free else o.rounds + 1):
+    lockstep = range(0) if free else range(1, o.rounds + 1)  # (free rounds have run above)
+    for r in lockstep:
         if joiner is not None and record is not None and r == joiner_at:
             swarm.registry[record.peer_id] = record
             await joiner.transport.start(joiner.serve)

@@ -223,6 +223,47 @@ class OutputConfig:
     def __post_init__(self) -> None:
         _require(self.log_level in _LOG_LEVELS, "output.log_level", self.log_level, " | ".join(_LOG_LEVELS))
 
+_MQTT_RE = re.compile(r"^mqtt://[A-Za-z0-9._-]+(:\d{1,5})?/?$")
+
+
+@dataclass(kw_only=True, slots=True)
+class OpsConfig:
+    """Operating a node: MQTT telemetry and control, the Prometheus endpoint, checkpoints."""
+
+    mqtt: str | None = _doc("publish telemetry to and take operator commands from this MQTT broker "
+                            "(mqtt://HOST[:PORT]); without it, metrics only go to --metrics-file", None)
+    telemetry_interval: float = _doc("seconds between two telemetry messages (the latest values)", 2.0)
+    metrics_port: int = _doc("serve Prometheus metrics on this TCP port (0 = off)", 0)
+    metrics_host: str = _doc("address the Prometheus endpoint listens on", "127.0.0.1")
+    operator_keys: list[str] = _doc("peer ids of the operator keys whose signed MQTT commands this node "
+                                    "obeys (`p2pnode peer-id --identity operator.key`); empty = obey none",
+                                    default_factory=list)
+    test_mode: bool = _doc("also obey fault commands (crash, stall): for fault-injection tests only", False)
+    checkpoint_dir: str | None = _doc("where the checkpoint command (and a restart) keeps checkpoint.pt; "
+                                      "a node started with one resumes from it", None)
+
+    def __post_init__(self) -> None:
+        if self.mqtt is not None:
+            _require(bool(_MQTT_RE.match(self.mqtt)), "ops.mqtt", self.mqtt, "mqtt://HOST[:PORT]")
+            port = self.mqtt_address[1]
+            _require(0 < port < 65536, "ops.mqtt", self.mqtt, "a port in 1..65535")
+        _require(0 < self.telemetry_interval <= 3600, "ops.telemetry_interval", self.telemetry_interval,
+                 "seconds in (0, 3600]")
+        _require(0 <= self.metrics_port < 65536, "ops.metrics_port", self.metrics_port, "0..65535 (0 = off)")
+        _require(bool(self.metrics_host), "ops.metrics_host", self.metrics_host,
+                 "an address such as 127.0.0.1")
+        for key in self.operator_keys:
+            _require(key.startswith("12D3KooW") and 40 <= len(key) <= 64, "ops.operator_keys", key,
+                     "Ed25519 peer ids (12D3KooW...) printed by `p2pnode peer-id`")
+
+    @property
+    def mqtt_address(self) -> tuple[str, int]:
+        """(host, port) of ``mqtt``; port 1883 when it names none."""
+        if self.mqtt is None:
+            raise ValueError("no MQTT broker configured")
+        host, _, port = self.mqtt.removeprefix("mqtt://").rstrip("/").partition(":")
+        return host, int(port) if port else 1883
+
 
 @dataclass(kw_only=True, slots=True)
 class NodeConfig:
@@ -238,6 +279,7 @@ class NodeConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     spsa: SpsaConfig = field(default_factory=SpsaConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
 
     def __post_init__(self) -> None:
         _require(bool(_DEVICE_RE.match(self.device)), "device", self.device, "auto | cpu | cuda | cuda:N")
@@ -252,6 +294,7 @@ SECTIONS: dict[str, type] = {
     "output": OutputConfig,
     "attack": AttackConfig,
     "spsa": SpsaConfig,
+    "ops": OpsConfig,
 }
 
 

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -46,6 +46,9 @@ from protocols.errors import ProtocolError
 from protocols.exchange import pack_exchange, unpack_exchange
 from protocols.records import MembershipRecord
 from protocols.replicas import Outgoing
+
+if TYPE_CHECKING:
+    from p2pnode.operate import Operations
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +202,8 @@ class Node:
         self._push_guard = ReplayGuard()
         self._pull_guard = ReplayGuard()
         self._max_bytes = config.network.max_message_bytes
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
 
     # -- wire --------------------------------------------------------------------------------------
     # -- hooks (a Byzantine node overrides these; honest ones send what they have) ---------------------
@@ -406,10 +411,22 @@ class Node:
                 "codec_resyncs": self.wire.resyncs,
                 "local_divergences": self.local_divergences}
 
+    # -- operator control: between two rounds, a paused node waits (it still serves peers and heartbeats)
+    @property
+    def paused(self) -> bool:
+        return not self._unpaused.is_set()
+
+    def pause(self) -> None:
+        self._unpaused.clear()
+
+    def resume(self) -> None:
+        self._unpaused.set()
+
     async def run_rounds(self, metrics: MetricsWriter) -> dict[str, Any]:
         """Run the configured number of rounds (forever if 0); return the final evaluation."""
         total = self.config.gossip.rounds
         while total == 0 or self.round < total:
+            await self._unpaused.wait()
             r = await self.run_round()
             metrics.write("round", **self.counters(), round=r.round, train_loss=r.train_loss,
                           test_accuracy=r.test_accuracy, test_loss=r.test_loss, peers_in_view=r.peers_in_view,
@@ -451,6 +468,7 @@ class NodeRuntime:
         self.config = config
         self.stop = asyncio.Event()
         self.signalled = False
+        self.operations: Operations | None = None  # set once the node runs
 
     def request_stop(self) -> None:
         """Signal handler: finish the current await points and shut down."""
@@ -500,6 +518,7 @@ class NodeRuntime:
             else:
                 node = make_node(cfg, identity, trainer, transport, membership, aggregator,
                                  extension=build_extension(cfg, identity, trainer))
+            await asyncio.to_thread(resume_from_checkpoint, cfg, node)
             await transport.start(node.serve)
             return await self._supervise(node, visible_maddrs(dht))
         finally:
@@ -513,15 +532,20 @@ class NodeRuntime:
 
     async def _supervise(self, node: Node, maddrs: list[str]) -> int:
         """Run heartbeat and rounds in one TaskGroup; stop both on a signal or after the linger."""
+        from p2pnode.operate import Operations, run_operations
+
         cfg, ready = self.config, asyncio.Event()
-        metrics = MetricsWriter(cfg.output.metrics_file)
+        ops = Operations(cfg, node, request_stop=self.request_stop)
+        self.operations = ops
+        metrics = MetricsWriter(cfg.output.metrics_file, listeners=[ops.on_row])
         outcome: dict[str, Any] = {}
         try:
             async with asyncio.TaskGroup() as tg:
                 heartbeat = tg.create_task(node.membership.run(lambda: (node.round, node.fingerprint), ready))
                 work = tg.create_task(self._work(node, maddrs, ready, metrics, outcome))
+                operate = tg.create_task(run_operations(ops))
                 await self.stop.wait()
-                for task in (heartbeat, work):
+                for task in (heartbeat, work, operate):
                     task.cancel()
         finally:
             metrics.close()
@@ -557,6 +581,33 @@ class NodeRuntime:
             print(f"  --initial-peers {maddr}", flush=True)
         if cfg.output.ready_file:
             write_json_atomic(cfg.output.ready_file, {"peer_id": node.identity.peer_id, "maddrs": maddrs})
+
+
+def resume_from_checkpoint(config: NodeConfig, node: Node) -> bool:
+    """Load ``--checkpoint-dir``'s checkpoint into ``node`` (gossip mode); True when one was loaded.
+
+    SPSA and increments nodes keep more state than the trainer's (the scalar log, the global model):
+    their checkpoints are written but not resumed from yet, and that is said in the log.
+    """
+    from p2pnode.checkpoint import CheckpointError, load_checkpoint
+
+    directory = config.ops.checkpoint_dir
+    if directory is None:
+        return False
+    state = load_checkpoint(directory)
+    if state is None:
+        return False
+    if config.gossip.mode != "gossip" or state.get("mode") != "gossip":
+        logger.warning("not resuming from %s: resuming is implemented for --mode gossip only", directory)
+        return False
+    try:
+        node.trainer.load_state_dict(state["trainer"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{directory}: checkpoint does not fit this model and task ({exc})") from exc
+    node.round = int(state["round"])
+    node._last_good = node.trainer.get_flat()
+    logger.info("resumed from %s at round %d", directory, node.round)
+    return True
 
 
 def _die_with_parent() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -33,10 +34,12 @@ def write_json_atomic(path: str | Path, obj: dict[str, Any]) -> None:
 
 
 class MetricsWriter:
-    """Appends one JSON line per event to a file (or does nothing when no file is configured)."""
+    """Appends one JSON line per event to a file (if one is configured) and hands each row to listeners."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, *,
+                 listeners: Sequence[Callable[[dict[str, Any]], None]] = ()) -> None:
         self._file: IO[str] | None = None
+        self._listeners = tuple(listeners)
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -46,6 +49,8 @@ class MetricsWriter:
         if self._file is not None:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
+        for listener in self._listeners:
+            listener(row)
         return row
 
     def close(self) -> None:

@@ -413,6 +413,7 @@ class SpsaNode(Node):
         """The configured rounds, then :meth:`drain`; return the final evaluation."""
         total = self.config.gossip.rounds
         while total == 0 or self.round < total:
+            await self._unpaused.wait()
             await self._write_round(metrics, await self.run_round())
         await self.drain(metrics)
         accuracy, loss = await self._busy(self.evaluate)

@@ -253,8 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_swarm(sub)
     _add_key_commands(sub)
     from p2pnode.cli_bench import add_bench
+    from p2pnode.cli_report import add_report
 
     add_bench(sub)
+    add_report(sub)
     return parser
 
 
@@ -355,9 +357,15 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     return cmd_bench(ns)
 
 
+def _cmd_report(ns: argparse.Namespace) -> int:
+    from p2pnode.cli_report import cmd_report
+
+    return cmd_report(ns)
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run, "swarm": _cmd_swarm, "init": _cmd_init, "keygen": _cmd_keygen, "peer-id": _cmd_peer_id,
-    "bench": _cmd_bench,
+    "bench": _cmd_bench, "report": _cmd_report,
 }
 
 

@@ -2,8 +2,8 @@
 
 Starts N ``p2pnode run`` child processes on loopback (node 0 first, as the bootstrap peer), follows
 their metrics files, waits until each live node has written its result file, and writes
-``OUT/summary.json``, ``OUT/metrics.jsonl`` and ``OUT/accuracy.png``. Only processes started here
-are ever signalled, always by their pid.
+``OUT/summary.json``, ``OUT/metrics.jsonl`` and the report (plots and ``OUT/index.html``, see
+:mod:`p2pnode.run_report`). Only processes started here are ever signalled, always by their pid.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from p2pnode.errors import ConfigError, P2PNodeError
 from p2pnode.identity import load_or_create_identity
-from p2pnode.report import MetricsTail, plot_accuracy
+from p2pnode.report import MetricsTail
+from p2pnode.run_report import write_report
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -457,7 +458,9 @@ class Swarm:
         return rows
 
     def summarize(self) -> dict[str, Any]:
-        """Write ``summary.json``, ``metrics.jsonl`` and ``accuracy.png`` to the output directory.
+        """Write ``summary.json``, ``metrics.jsonl`` and the report (``accuracy.png``, ``bytes_sent.png``,
+        ``peers_in_view.png``, ``index.html``; see :func:`~p2pnode.run_report.write_report`) to the
+        output directory.
 
         Nodes that died without a result are reported with their last metrics (``finished: false``,
         accuracy of their last evaluation or 0.0) and still count in ``honest_accuracy_min``.
@@ -479,9 +482,7 @@ class Swarm:
         rows = self.events()
         with open(self.out / "metrics.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
-        o = self.opts
-        plot_accuracy(rows, self.out / "accuracy.png",
-                      title=f"{o.task}: {o.nodes} nodes, {o.partition}, fanout {o.fanout}")
+        write_report(rows, summary, self.out)
         return summary
 
 

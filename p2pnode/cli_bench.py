@@ -134,6 +134,23 @@ def add_bench(sub: Any) -> None:
 
     add_gpu_bench(which)
 
+    from p2pnode.bench.mqtt import MqttBenchOptions
+
+    m = MqttBenchOptions()
+    p = which.add_parser("mqtt", allow_abbrev=False,
+                         help="round time with telemetry off, broker up, broker down",
+                         description="The same real swarm without --mqtt, with a running mosquitto, and with "
+                                     "the broker stopped (nodes keep retrying), interleaved --repeats times: "
+                                     "median round time of each and the ratios down/up and up/off.")
+    for name in ("nodes", "rounds", "local_steps", "repeats", "skip"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(m, name),
+                       help=f"default {getattr(m, name)}")
+    p.add_argument("--task", default=m.task, help=f"task (default {m.task})")
+    p.add_argument("--telemetry-interval", type=float, default=m.telemetry_interval,
+                   help=f"nodes' --telemetry-interval (default {m.telemetry_interval})")
+    p.add_argument("--out-dir", type=Path, default=m.out_dir, help=f"swarm outputs (default {m.out_dir})")
+    p.add_argument("--json", type=Path, default=m.json_path, help=f"results file (default {m.json_path})")
+
     from p2pnode.bench.spsa import SpsaBenchOptions
 
     o = SpsaBenchOptions()
@@ -271,6 +288,19 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         from p2pnode.bench.codecs import run_codec_bench
 
         run_codec_bench(specs=ns.codecs, repeats=ns.repeats, threads=ns.threads, json_path=ns.json)
+        return 0
+    if ns.bench == "mqtt":
+        from p2pnode.bench.mqtt import MqttBenchOptions, run_mqtt_bench
+
+        res = run_mqtt_bench(
+            MqttBenchOptions(nodes=ns.nodes, rounds=ns.rounds, task=ns.task, local_steps=ns.local_steps,
+                             repeats=ns.repeats, skip=ns.skip, telemetry_interval=ns.telemetry_interval,
+                             out_dir=ns.out_dir, json_path=ns.json),
+            on_run=lambda run: print(json.dumps(run), file=sys.stderr, flush=True))
+        med = res["median_round_time_s"]
+        print(f"median round time: off {med['off']:.4f} s, broker up {med['up']:.4f} s, "
+              f"broker down {med['down']:.4f} s; down/up {res['down_over_up']:.3f}, "
+              f"up/off {res['up_over_off']:.3f}; results: {ns.json}")
         return 0
     if ns.bench == "codec-swarm":
         from p2pnode.bench.codec_swarm import CodecSwarmOptions, format_table, run_codec_swarm_bench

@@ -142,7 +142,7 @@ def _metavar(f: FlagField) -> str:
     if f.path == "task.shard":
         return "INDEX[/COUNT]"
     if f.kind is list:
-        return "PEER_ID" if f.path == "attack.allies" else "MADDR"
+        return "PEER_ID" if f.path in ("attack.allies", "ops.operator_keys") else "MADDR"
     if f.kind is int:
         return "N"
     if f.kind is float:
@@ -253,10 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_swarm(sub)
     _add_key_commands(sub)
     from p2pnode.cli_bench import add_bench
+    from p2pnode.cli_ops import add_ops_commands
     from p2pnode.cli_report import add_report
 
     add_bench(sub)
     add_report(sub)
+    add_ops_commands(sub)
     return parser
 
 
@@ -351,6 +353,18 @@ def _cmd_peer_id(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_monitor(ns: argparse.Namespace) -> int:
+    from p2pnode.cli_ops import cmd_monitor
+
+    return cmd_monitor(ns)
+
+
+def _cmd_control(ns: argparse.Namespace) -> int:
+    from p2pnode.cli_ops import cmd_control
+
+    return cmd_control(ns)
+
+
 def _cmd_bench(ns: argparse.Namespace) -> int:
     from p2pnode.cli_bench import cmd_bench
 
@@ -365,7 +379,7 @@ def _cmd_report(ns: argparse.Namespace) -> int:
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run, "swarm": _cmd_swarm, "init": _cmd_init, "keygen": _cmd_keygen, "peer-id": _cmd_peer_id,
-    "bench": _cmd_bench, "report": _cmd_report,
+    "bench": _cmd_bench, "report": _cmd_report, "monitor": _cmd_monitor, "control": _cmd_control,
 }
 
 

@@ -1,0 +1,107 @@
+"""Operations on an in-memory node: commands act (pause holds rounds, checkpoint + resume restores the
+model and round), rejected ones are counted by reason, and the telemetry snapshot tracks the node."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import torch
+
+from p2pnode.checkpoint import load_checkpoint
+from p2pnode.control import sign_command
+from p2pnode.identity import Identity
+from p2pnode.node import resume_from_checkpoint
+from p2pnode.operate import Operations
+from p2pnode.outputs import MetricsWriter
+from p2pnode.telemetry import TELEMETRY_KEYS
+from tests.unit.test_node import _pair
+
+OPERATOR = Identity.generate()
+
+
+def _ops(node, tmp: Path, stops: list[int]) -> Operations:  # type: ignore[no-untyped-def]
+    node.config.ops.operator_keys = [OPERATOR.peer_id]
+    node.config.ops.checkpoint_dir = str(tmp / "ckpt")
+    return Operations(node.config, node, request_stop=lambda: stops.append(1))
+
+
+def test_pause_holds_rounds_until_resume_and_the_snapshot_says_so(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        a, b = await _pair()
+        stops: list[int] = []
+        ops = _ops(a, tmp_path, stops)
+        a.config.gossip.rounds = 3
+        metrics = MetricsWriter(None, listeners=[ops.on_row])
+        ops.on_control(sign_command(OPERATOR, "pause", swarm="t"))
+        snap = ops.snapshot()
+        assert set(TELEMETRY_KEYS) <= set(snap)
+        assert snap["paused"] is True
+        run = asyncio.ensure_future(a.run_rounds(metrics))
+        await asyncio.sleep(0.5)
+        assert a.round == 0  # held before its first round
+        ops.on_control(sign_command(OPERATOR, "resume", swarm="t"))
+        final = await asyncio.wait_for(run, 60)
+        assert a.round == 3
+        assert final["event"] == "final"
+        snap = ops.snapshot()
+        assert snap["round"] == 3
+        assert snap["paused"] is False
+        assert snap["test_accuracy"] == final["test_accuracy"]
+        assert snap["train_loss"] is not None  # kept from the last round row (a final row has none)
+        assert ops.executed == {"pause": 1, "resume": 1}
+        assert stops == []
+
+    asyncio.run(scenario())
+
+
+def test_rejected_commands_are_counted_by_reason_and_change_nothing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        a, _ = await _pair()
+        stops: list[int] = []
+        ops = _ops(a, tmp_path, stops)
+        shutdown = sign_command(OPERATOR, "shutdown", swarm="t")
+        ops.on_control(sign_command(Identity.generate(), "shutdown", swarm="t"))
+        ops.on_control(b'{"cmd": "shutdown"}')
+        ops.on_control(sign_command(OPERATOR, "shutdown", swarm="other"))
+        ops.on_control(sign_command(OPERATOR, "crash", swarm="t"))  # not in test mode
+        assert stops == []
+        ops.on_control(shutdown)
+        ops.on_control(shutdown)  # replay
+        assert stops == [1]
+        assert ops.control_rejected == 5
+        assert ops.rejected_by_reason == {"untrusted": 1, "unsigned": 1, "swarm": 1, "forbidden": 1,
+                                          "replay": 1}
+        assert ops.snapshot()["control_rejected"] == 5
+
+    asyncio.run(scenario())
+
+
+def test_checkpoint_command_then_a_restart_resumes_model_and_round(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        a, _ = await _pair()
+        ops = _ops(a, tmp_path, [])
+        a.config.gossip.rounds = 2
+        await a.run_rounds(MetricsWriter(None))
+        path = await ops.checkpoint()
+        assert path is not None
+        assert ops.checkpoints == 1
+        saved = a.trainer.get_flat()
+        state = load_checkpoint(tmp_path / "ckpt")
+        assert state is not None
+        assert state["round"] == 2
+
+        fresh, _ = await _pair()  # same task and seed: starts from the initial weights
+        assert not torch.equal(fresh.trainer.get_flat(), saved)
+        fresh.config.ops.checkpoint_dir = str(tmp_path / "ckpt")
+        assert resume_from_checkpoint(fresh.config, fresh)
+        assert fresh.round == 2
+        assert torch.equal(fresh.trainer.get_flat(), saved)
+        fresh.config.gossip.rounds = 3
+        await fresh.run_rounds(MetricsWriter(None))
+        assert fresh.round == 3  # one more round, not three
+
+        fresh.config.gossip.mode = "spsa"  # other modes keep more state: not resumed, and it says so
+        assert not resume_from_checkpoint(fresh.config, fresh)
+
+    asyncio.run(scenario())

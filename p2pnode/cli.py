@@ -1,4 +1,5 @@
-"""Command line of the daemon: ``p2pnode run | swarm | init | keygen | peer-id``.
+"""Command line of the daemon: ``p2pnode run | swarm | init | keygen | peer-id | report | monitor | control
+| bench``.
 
 The flags of ``run`` are generated from the :class:`~p2pnode.config.NodeConfig` tree and those of
 ``swarm`` from :class:`~p2pnode.swarm.SwarmOptions`, so TOML keys, flags and ``--help`` text come
@@ -218,7 +219,8 @@ def _add_swarm(sub: Any) -> None:
     p = _command(sub, "swarm", "run N node processes on this machine (demo and tests)",
                  "Start N real `p2pnode run` processes on loopback (node 0 first, the others join through "
                  "it), show their progress, stop them, and write OUT/summary.json, OUT/metrics.jsonl and "
-                 "OUT/accuracy.png. With no options it runs the demo default. Arguments after `--` are "
+                 "the report (OUT/index.html with its plots). With no options it runs the demo default. "
+                 "Arguments after `--` are "
                  f"appended to every node's command line, e.g. `{PROG} swarm --nodes 3 -- --batch-size 64`.")
     for f in swarm_fields():
         default = "runs/swarm-DATE-TIME" if f.key == "out" else f.default

@@ -93,7 +93,7 @@ class SwarmOptions:
     sybils: int = _doc("with --attack sybil: one attacker running this many identities (node processes "
                        "with their own keys, all on the attacker's one shard); replaces --byzantine", 0)
     device: str = _doc("where nodes train: auto | cpu | cuda | cuda:N", "cpu")
-    out: Path = _doc("output directory (keys/, logs/, nodes/, summary.json, metrics.jsonl, accuracy.png)",
+    out: Path = _doc("output directory (keys/ logs/ nodes/ summary.json metrics.jsonl index.html *.png)",
                      default_factory=_default_out)
     swarm: str | None = _doc("swarm name on the DHT (default: derived from the output directory)", None)
     start_timeout_s: float = _doc("longest wait for a node's ready file after launching it", 120.0)

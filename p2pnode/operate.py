@@ -69,6 +69,7 @@ class Operations:
                                  interval=ops.telemetry_interval, snapshot=self.snapshot,
                                  on_control=self.on_control)
         self._stop_prometheus: Callable[[], None] | None = None
+        self._scraped: dict[str, Any] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- telemetry -----------------------------------------------------------------------------------
@@ -87,12 +88,22 @@ class Operations:
     async def run(self) -> None:
         """Start the Prometheus endpoint and run the MQTT link (if configured) until cancelled."""
         ops = self.config.ops
-        if ops.metrics_port:
-            _, self._stop_prometheus = await asyncio.to_thread(start_prometheus, ops.metrics_host,
-                                                               ops.metrics_port, self.snapshot)
-            logger.info("prometheus metrics on http://%s:%d/metrics", ops.metrics_host, ops.metrics_port)
-        if self.link is not None:
-            await self.link.run()
+        async with asyncio.TaskGroup() as tg:
+            if ops.metrics_port:
+                # the HTTP server scrapes from its own thread: it reads a copy the event loop refreshes, never
+                # the node's live structures
+                self._scraped = self.snapshot()
+                tg.create_task(self._refresh_scraped(min(ops.telemetry_interval, 1.0)))
+                _, self._stop_prometheus = await asyncio.to_thread(start_prometheus, ops.metrics_host,
+                                                                   ops.metrics_port, lambda: self._scraped)
+                logger.info("prometheus metrics on http://%s:%d/metrics", ops.metrics_host, ops.metrics_port)
+            if self.link is not None:
+                tg.create_task(self.link.run())
+
+    async def _refresh_scraped(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            self._scraped = self.snapshot()
 
     async def close(self) -> None:
         if self._stop_prometheus is not None:

@@ -105,3 +105,33 @@ def test_checkpoint_command_then_a_restart_resumes_model_and_round(tmp_path: Pat
         assert not resume_from_checkpoint(fresh.config, fresh)
 
     asyncio.run(scenario())
+
+
+def test_a_node_with_metrics_port_serves_its_round_to_prometheus(tmp_path: Path) -> None:
+    import urllib.request
+
+    from p2pnode.bench.mqtt import free_port
+
+    async def scenario() -> None:
+        a, _ = await _pair()
+        ops = _ops(a, tmp_path, [])
+        port = free_port()
+        a.config.ops.metrics_port = port
+        a.config.ops.telemetry_interval = 0.1
+        a.config.gossip.rounds = 2
+        task = asyncio.ensure_future(ops.run())
+        await a.run_rounds(MetricsWriter(None, listeners=[ops.on_row]))
+        await asyncio.sleep(0.3)  # one refresh of the scraped copy
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                return resp.read().decode()
+
+        text = await asyncio.to_thread(scrape)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await ops.close()
+        assert "p2pnode_round 2.0" in text
+        assert f'peer_id="{a.identity.peer_id}"' in text
+
+    asyncio.run(scenario())

@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3.11}"
 VENV=.venv
-SYSTEM_PACKAGES=(dataset-fashion-mnist mosquitto iproute2 iptables)
+SYSTEM_PACKAGES=(dataset-fashion-mnist mosquitto iproute2 iptables docker.io debootstrap)
 STAMP="$VENV/.p2pnode-setup"
 
 log() { printf 'setup: %s\n' "$*" >&2; }

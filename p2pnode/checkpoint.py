@@ -45,6 +45,17 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
+def remove_partial_writes(directory: str | Path) -> int:
+    """Delete temp files of checkpoint writes that a crash interrupted; return how many there were."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    partial = list(directory.glob(f".{CHECKPOINT_NAME}.*.tmp"))
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return len(partial)
+
+
 def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:
     """The checkpoint in ``directory``, or None when there is none; CheckpointError when it is unusable."""
     path = checkpoint_path(directory)

@@ -138,6 +138,9 @@ class GossipConfig:
     max_inbox: int = _doc("most pushed models kept between two merges (latest per peer)", 64)
     wait_peers: int = _doc("wait (up to wait_peers_s) for this many live peers before round 1", 0)
     wait_peers_s: float = _doc("longest wait for wait_peers", 30.0)
+    join_donors: int = _doc("joining a running swarm (--mode gossip): start from the coordinate-wise median "
+                            "of this many peers' models (one liar among 3 cannot move it; 0 = start from the "
+                            "seed's initial model)", 3)
     linger_s: float = _doc("after the last round, keep answering peers this long before exiting", 5.0)
 
     def __post_init__(self) -> None:
@@ -158,6 +161,7 @@ class GossipConfig:
         _require(self.wait_peers >= 0, "gossip.wait_peers", self.wait_peers, "integer >= 0")
         _require(self.wait_peers_s >= 0, "gossip.wait_peers_s", self.wait_peers_s, "float >= 0")
         _require(self.linger_s >= 0, "gossip.linger_s", self.linger_s, "float >= 0")
+        _require(0 <= self.join_donors <= 64, "gossip.join_donors", self.join_donors, "integer in [0, 64]")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -241,6 +245,10 @@ class OpsConfig:
     test_mode: bool = _doc("also obey fault commands (crash, stall): for fault-injection tests only", False)
     checkpoint_dir: str | None = _doc("where the checkpoint command (and a restart) keeps checkpoint.pt; "
                                       "a node started with one resumes from it", None)
+    checkpoint_every: int = _doc("with --checkpoint-dir: also checkpoint every N rounds and on SIGTERM "
+                                 "(0 = only on the operator's command)", 10)
+    probe_coords: int = _doc("add this many fixed model coordinates (the same on every node) to each metrics "
+                             "line, to follow model distances between nodes (0 = none)", 0)
 
     def __post_init__(self) -> None:
         if self.mqtt is not None:
@@ -249,6 +257,9 @@ class OpsConfig:
             _require(0 < port < 65536, "ops.mqtt", self.mqtt, "a port in 1..65535")
         _require(0 < self.telemetry_interval <= 3600, "ops.telemetry_interval", self.telemetry_interval,
                  "seconds in (0, 3600]")
+        _require(self.checkpoint_every >= 0, "ops.checkpoint_every", self.checkpoint_every, "integer >= 0")
+        _require(0 <= self.probe_coords <= 4096, "ops.probe_coords", self.probe_coords,
+                 "integer in [0, 4096]")
         _require(0 <= self.metrics_port < 65536, "ops.metrics_port", self.metrics_port, "0..65535 (0 = off)")
         _require(bool(self.metrics_host), "ops.metrics_host", self.metrics_host,
                  "an address such as 127.0.0.1")

@@ -22,8 +22,9 @@ import os
 import random
 import signal
 import sys
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -44,6 +45,7 @@ from protocols.codecs import Layout
 from protocols.envelope import Envelope, ReplayGuard, open_envelope, seal
 from protocols.errors import ProtocolError
 from protocols.exchange import pack_exchange, unpack_exchange
+from protocols.model import decode_model, encode_model
 from protocols.records import MembershipRecord
 from protocols.replicas import Outgoing
 
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 KIND_PUSH, KIND_PULL = "push", "pull"
+KIND_JOIN_REQUEST, KIND_JOIN_STATE = "jreq", "jstate"  # a joiner asks a donor for its current model
 
 
 class PeerView(Protocol):
@@ -109,6 +112,15 @@ def model_layers(model: torch.nn.Module) -> list[Layer]:
                             is_buffer=id(tensor) not in params))
         offset += tensor.numel()
     return layers
+
+
+def probe_index(layers: Sequence[Layer], count: int) -> torch.Tensor | None:
+    """``count`` fixed coordinates of the flat model, the same on every node (seeded by the layout only)."""
+    numel = sum(la.numel for la in layers)
+    if count <= 0 or numel == 0:
+        return None
+    gen = torch.Generator().manual_seed(0x9E3779B9 ^ numel)
+    return torch.randperm(numel, generator=gen)[: min(count, numel)].sort().values
 
 
 class Inbox:
@@ -198,12 +210,21 @@ class Node:
         self.messages_rejected = 0
         self.local_divergences = 0
         self._last_good = trainer.get_flat()
-        self._seq = itertools.count(1)
+        self._seq = itertools.count(self.first_seq())
         self._push_guard = ReplayGuard()
         self._pull_guard = ReplayGuard()
         self._max_bytes = config.network.max_message_bytes
         self._unpaused = asyncio.Event()
         self._unpaused.set()
+        self.round_hooks: list[Callable[[], Awaitable[None]]] = []  # awaited after each round (checkpoints)
+        self._probe_index = probe_index(self.layers, config.ops.probe_coords)
+        self.join_donors_used = 0
+
+    @staticmethod
+    def first_seq() -> int:
+        """First envelope sequence number: the clock in microseconds, so a restarted node (same key)
+        continues above the numbers its peers' replay guards remember from its previous run."""
+        return time.time_ns() // 1000
 
     # -- wire --------------------------------------------------------------------------------------
     # -- hooks (a Byzantine node overrides these; honest ones send what they have) ---------------------
@@ -252,7 +273,11 @@ class Node:
 
     def _open_model(self, data: bytes, *, kind: str, sender: str, guard: ReplayGuard) -> Received:
         """Verify, replay-check and decode a model message from ``sender``; ProtocolError if bad."""
-        env = self._open_from(sender, data, (kind,))
+        return self._decode_model(self._open_from(sender, data, (kind,)), guard=guard)
+
+    def _decode_model(self, env: Envelope, *, guard: ReplayGuard) -> Received:
+        """Replay-check and decode a verified model envelope; ProtocolError if bad."""
+        sender = env.sender
         guard.check(env)
         model, attachment = unpack_exchange(env.payload, max_bytes=self._max_bytes)
         received = self.wire.decode(sender, model)
@@ -273,7 +298,11 @@ class Node:
             # change in one exchange at a time (protocols/replicas.py)
             raise MessageRejected("busy: our own exchange with you is in flight", peer=sender)
         try:
-            received = self._open_model(request, kind=KIND_PUSH, sender=sender, guard=self._push_guard)
+            env = self._open_from(sender, request, (KIND_PUSH, KIND_JOIN_REQUEST))
+            if env.kind == KIND_JOIN_REQUEST:
+                self._push_guard.check(env)
+                return await self._serve_join(sender)
+            received = self._decode_model(env, guard=self._push_guard)
         except ProtocolError as exc:
             self._reject(sender, exc)
             raise MessageRejected(str(exc), peer=sender) from exc
@@ -325,6 +354,64 @@ class Node:
                 await self.membership.refresh()
             await asyncio.sleep(0.25)
         logger.info("starting with %d peers in view (wanted %d)", len(self.membership.live()), want)
+
+    async def join_swarm(self) -> bool:
+        """Start from the coordinate-wise median of ``gossip.join_donors`` running peers' models.
+
+        Done once, before round 1, when the swarm is already running (some live peer is past round 0)
+        and this node has no progress of its own (it did not resume from a checkpoint). The median of
+        2f + 1 donors' models is inside the range of the honest ones when at most f donors lie, so one
+        lying donor among three cannot poison the join; a donor that dies or answers garbage is skipped.
+        Returns True when the model was replaced.
+        """
+        want = self.config.gossip.join_donors
+        running = [p for p in self.membership.live() if p.round > 0]
+        if want <= 0 or self.round > 0 or not running:
+            return False
+        donors = self._peer_rng.sample(running, min(want, len(running)))
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(self._fetch_state(p)) for p in donors]
+        states = [s for t in tasks if (s := t.result()) is not None]
+        if not states:
+            logger.warning("join: none of %d donors answered; starting from the initial model", len(donors))
+            return False
+        stacked = torch.stack(states)
+        merged = stacked.median(dim=0).values if len(states) > 2 else stacked.mean(dim=0)
+        await asyncio.to_thread(self.trainer.set_flat_, merged)
+        await asyncio.to_thread(self.trainer.reset_momentum)
+        self._last_good = merged.clone()
+        self.join_donors_used = len(states)
+        logger.info("join: started from the %s of %d donors' models (%d asked)",
+                    "median" if len(states) > 2 else "mean", len(states), len(donors))
+        return True
+
+    async def _fetch_state(self, peer: MembershipRecord) -> torch.Tensor | None:
+        reply = await self._request(peer, self._seal(KIND_JOIN_REQUEST, b""))
+        if reply is None:
+            return None
+        try:
+            env = self._open_from(peer.peer_id, reply, (KIND_JOIN_STATE,))
+            self._pull_guard.check(env)
+            payload = decode_model(env.payload, expected_numel=self._last_good.numel(),
+                                   fingerprint=self.fingerprint)
+        except ProtocolError as exc:
+            self._reject(peer.peer_id, exc)
+            return None
+        return payload.flat
+
+    async def _serve_join(self, sender: str) -> bytes:
+        """A joiner asked for our current model: send it whole (dense; the edge has no reference yet)."""
+        own = await asyncio.to_thread(self.trainer.get_flat)
+        body = encode_model(self.outgoing_model(own), fingerprint=self.fingerprint, round=self.round)
+        logger.info("join: sent our model to %s", sender)
+        return self._seal(KIND_JOIN_STATE, body)
+
+    def model_probe(self) -> dict[str, Any]:
+        """``{"probe": [...]}``: the model at the fixed probe coordinates (empty dict when off)."""
+        if self._probe_index is None:
+            return {}
+        flat = self.trainer.get_flat()
+        return {"probe": [round(float(v), 7) for v in flat[self._probe_index]]}
 
     async def run_round(self) -> RoundReport:
         """Train H steps, exchange with k sampled peers, merge, maybe evaluate."""
@@ -430,7 +517,9 @@ class Node:
             r = await self.run_round()
             metrics.write("round", **self.counters(), round=r.round, train_loss=r.train_loss,
                           test_accuracy=r.test_accuracy, test_loss=r.test_loss, peers_in_view=r.peers_in_view,
-                          pulled=r.pulled, pushed_to_us=r.pushed_to_us)
+                          pulled=r.pulled, pushed_to_us=r.pushed_to_us, **self.model_probe())
+            for hook in self.round_hooks:
+                await hook()
             logger.info("round %d: loss %.4f, acc %s, %d peers in view, pulled %d, pushed to us %d",
                         r.round, r.train_loss, r.test_accuracy, r.peers_in_view, r.pulled, r.pushed_to_us)
         accuracy, loss = await asyncio.to_thread(self.trainer.evaluate, None)
@@ -538,6 +627,7 @@ class NodeRuntime:
         ops = Operations(cfg, node, request_stop=self.request_stop)
         self.operations = ops
         metrics = MetricsWriter(cfg.output.metrics_file, listeners=[ops.on_row])
+        node.round_hooks.append(ops.after_round)
         outcome: dict[str, Any] = {}
         try:
             async with asyncio.TaskGroup() as tg:
@@ -547,6 +637,8 @@ class NodeRuntime:
                 await self.stop.wait()
                 for task in (heartbeat, work, operate):
                     task.cancel()
+            if self.signalled and cfg.ops.checkpoint_dir is not None and cfg.ops.checkpoint_every > 0:
+                await ops.checkpoint()  # SIGTERM: keep the progress since the last periodic checkpoint
         finally:
             metrics.close()
         return 0 if outcome.get("finished") or self.signalled or cfg.gossip.rounds == 0 else 1
@@ -559,6 +651,7 @@ class NodeRuntime:
                 await ready.wait()
             self._announce(node, maddrs)
             await node.wait_for_peers()
+            await node.join_swarm()
             final = await node.run_rounds(metrics)
             if cfg.output.result_file:
                 write_json_atomic(cfg.output.result_file, final)
@@ -589,11 +682,15 @@ def resume_from_checkpoint(config: NodeConfig, node: Node) -> bool:
     SPSA and increments nodes keep more state than the trainer's (the scalar log, the global model):
     their checkpoints are written but not resumed from yet, and that is said in the log.
     """
-    from p2pnode.checkpoint import CheckpointError, load_checkpoint
+    from p2pnode.checkpoint import CheckpointError, load_checkpoint, remove_partial_writes
 
     directory = config.ops.checkpoint_dir
     if directory is None:
         return False
+    removed = remove_partial_writes(directory)
+    if removed:
+        logger.warning("removed %d partial checkpoint write(s) left by an earlier crash in %s", removed,
+                       directory)
     state = load_checkpoint(directory)
     if state is None:
         return False
@@ -604,6 +701,13 @@ def resume_from_checkpoint(config: NodeConfig, node: Node) -> bool:
         node.trainer.load_state_dict(state["trainer"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{directory}: checkpoint does not fit this model and task ({exc})") from exc
+    same_defense = state.get("defense") == config.gossip.defense
+    for key, part in (("merge_state", node.merge_state), ("extension", node.extension)):
+        if key in state and same_defense and part is not None and hasattr(part, "load_state_dict"):
+            try:
+                part.load_state_dict(state[key])
+            except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+                raise CheckpointError(f"{directory}: its {key} does not fit this node ({exc})") from exc
     node.round = int(state["round"])
     node._last_good = node.trainer.get_flat()
     logger.info("resumed from %s at round %d", directory, node.round)

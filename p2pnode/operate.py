@@ -32,9 +32,17 @@ CRASH_EXIT_CODE = 70  # what a node crashed on purpose (test mode) exits with
 
 
 def node_checkpoint_state(node: Node) -> dict[str, Any]:
-    """What a checkpoint of ``node`` holds (see :mod:`p2pnode.checkpoint`)."""
-    return {"round": node.round, "mode": node.config.gossip.mode, "peer_id": node.identity.peer_id,
-            "trainer": node.trainer.state_dict()}
+    """What a checkpoint of ``node`` holds (see :mod:`p2pnode.checkpoint`): the trainer (model, optimizer,
+    sampler), the round, and the defense's and gossip extension's own state where they have one (e.g.
+    SybilWall's history). Per-peer codec references are not saved: after a restart the first exchange
+    with each peer finds them missing and sends a full snapshot (protocols/replicas.py)."""
+    state: dict[str, Any] = {"round": node.round, "mode": node.config.gossip.mode,
+                             "peer_id": node.identity.peer_id, "defense": node.config.gossip.defense,
+                             "trainer": node.trainer.state_dict()}
+    for key, part in (("merge_state", node.merge_state), ("extension", node.extension)):
+        if part is not None and hasattr(part, "state_dict"):
+            state[key] = part.state_dict()
+    return state
 
 
 class Operations:
@@ -144,6 +152,12 @@ class Operations:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def after_round(self) -> None:
+        """Node round hook: checkpoint every ``--checkpoint-every`` rounds (with --checkpoint-dir)."""
+        every = self.config.ops.checkpoint_every
+        if self.config.ops.checkpoint_dir is not None and every > 0 and self.node.round % every == 0:
+            await self.checkpoint()
 
     async def checkpoint(self) -> Path | None:
         """Write a checkpoint now (the ``checkpoint`` command); None when no --checkpoint-dir is set."""

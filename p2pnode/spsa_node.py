@@ -96,6 +96,12 @@ class SpsaNode(Node):
 
     role = "honest"
 
+    @staticmethod
+    def first_seq() -> int:
+        """1: SPSA counts every byte (a clock-based start costs ~5 B per message); an SPSA node does not
+        resume from a checkpoint, and a restarted one joins under a new key (see README)."""
+        return 1
+
     def __init__(self, config: NodeConfig, identity: Identity, trainer: LocalTrainer, transport: Transport,
                  membership: PeerView, aggregator: Aggregator, *, loss_fn: LossFn,
                  eval_loss: Callable[[torch.nn.Module], float] | None = None) -> None:

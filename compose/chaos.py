@@ -33,7 +33,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
@@ -122,7 +121,8 @@ class DockerEngine:
 
     def stream(self, method: str, path: str, query: dict[str, Any] | None = None,
                body: bytes | BinaryIO | Iterable[bytes] | None = None,
-               headers: dict[str, str] | None = None, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+               headers: dict[str, str] | None = None,
+               timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """A request whose answer is a stream of JSON objects (build and import progress)."""
         conn, response = self._open(method, path, query, body, headers, timeout)
         try:
@@ -247,7 +247,7 @@ def targets(engine: DockerEngine, project: str, services: list[str]) -> list[dic
 
 def run(engine: DockerEngine, project: str, services: list[str], actions: list[str], interval: float,
         down: float, count: int, rng: random.Random, stop: threading.Event) -> int:
-    """Inject faults until ``stop`` is set or ``count`` faults were made (0 = no limit); returns that number."""
+    """Inject faults until ``stop`` is set or ``count`` were made (0: no limit); returns how many."""
     done = 0
     logger.info("project %s, services %s, actions %s, a fault every %gs held %gs", project,
                 ",".join(services), ",".join(actions), interval, down)

@@ -494,7 +494,8 @@ class Node:
         stats = self.transport.stats
         return {"peer_id": self.identity.peer_id, "role": self.role, "bytes_sent": stats.bytes_sent,
                 "bytes_received": stats.bytes_received,
-                "messages_rejected": self.messages_rejected + self.membership.rejected,
+                "messages_rejected": (self.messages_rejected + self.membership.rejected
+                                      + stats.frames_rejected),
                 "codec_resyncs": self.wire.resyncs,
                 "local_divergences": self.local_divergences}
 

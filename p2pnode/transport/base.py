@@ -38,7 +38,8 @@ class TransportStats:
     calls_out: int = 0
     calls_in: int = 0
     failures_out: int = 0
-    rejected_in: int = 0
+    rejected_in: int = 0  # requests answered with a rejection, for any reason
+    frames_rejected: int = 0  # of those, refused before the handler saw them (frame status or size)
 
 
 class Transport(ABC):

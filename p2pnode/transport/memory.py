@@ -141,6 +141,7 @@ class MemoryTransport(Transport):
         assert self._handler is not None
         if len(request) > self.max_message_bytes:
             self.stats.rejected_in += 1
+            self.stats.frames_rejected += 1
             reason = f"request of {len(request)} bytes exceeds max_message_bytes={self.max_message_bytes}"
             return STATUS_REJECTED, encode_reason(reason)
         return await dispatch(self._handler, sender, request, max_message_bytes=self.max_message_bytes,

@@ -253,10 +253,12 @@ class P2PTransport(Transport):
                                                chunk_bytes=self.chunk_bytes, stats=self.stats)
         except MessageRejected as exc:
             self.stats.rejected_in += 1
+            self.stats.frames_rejected += 1
             logger.debug("rejected a request from %s: %s", sender, exc)
             return STATUS_REJECTED, encode_reason(str(exc))
         if status != STATUS_OK:
             self.stats.rejected_in += 1
+            self.stats.frames_rejected += 1
             return STATUS_REJECTED, encode_reason("a request frame must have status ok")
         assert self._handler is not None  # the stream handler is registered by start()
         return await dispatch(self._handler, sender, request, max_message_bytes=self.max_message_bytes,

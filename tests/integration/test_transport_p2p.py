@@ -107,7 +107,7 @@ def test_oversized_request_is_rejected_and_server_keeps_serving() -> None:
                     await pair.call(bytes(6 * MiB))
                 assert info.value.peer == pair.server.peer_id
             assert await pair.call(b"still there") == pair.client.peer_id.encode() + b":still there"
-            assert pair.server.stats.rejected_in == 2
+            assert pair.server.stats.rejected_in == pair.server.stats.frames_rejected == 2
             assert pair.client.stats.failures_out == 2
 
     run(scenario())
@@ -132,6 +132,7 @@ def test_handler_rejection_reaches_the_caller() -> None:
             with pytest.raises(MessageRejected, match="stale model fingerprint"):
                 await pair.call(b"model")
             assert pair.server.stats.rejected_in == 1
+            assert pair.server.stats.frames_rejected == 0  # the handler refused it, not the framing
 
     run(scenario())
 

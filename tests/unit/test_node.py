@@ -149,6 +149,23 @@ def test_bad_pushes_are_rejected_counted_and_the_node_keeps_serving(attack: str)
     asyncio.run(scenario())
 
 
+def test_a_request_refused_by_the_transport_is_counted_in_messages_rejected() -> None:
+    async def scenario() -> None:
+        network = MemoryNetwork()
+        node = _node(network, 0)
+        node.transport.max_message_bytes = 1000  # type: ignore[attr-defined]
+        await node.transport.start(node.serve)
+        caller = MemoryTransport(network, "caller", max_message_bytes=10_000)
+
+        with pytest.raises(MessageRejected, match="exceeds max_message_bytes"):
+            await caller.exchange(node.identity.peer_id, bytes(1001), timeout=5)
+
+        assert node.messages_rejected == 0, "the handler never saw it"
+        assert node.counters()["messages_rejected"] == 1
+
+    asyncio.run(scenario())
+
+
 def test_an_unreachable_peer_is_marked_and_the_round_still_completes() -> None:
     async def scenario() -> None:
         a, b = await _pair()

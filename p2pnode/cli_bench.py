@@ -134,6 +134,23 @@ def add_bench(sub: Any) -> None:
 
     add_gpu_bench(which)
 
+    from p2pnode.bench.churn import ChurnOptions
+
+    ch = ChurnOptions()
+    p = which.add_parser("churn", allow_abbrev=False,
+                         help="an undisturbed swarm vs one losing and gaining nodes",
+                         description="Real processes: the same swarm undisturbed and with --killed nodes "
+                                     "SIGKILLed at --kill-at and --joiners new nodes started at --join-at: "
+                                     "longest survivor round after the kill, final honest accuracy of both, "
+                                     "joiners' accuracy at their 5th round against the swarm's.")
+    for name in ("nodes", "killed", "joiners", "rounds", "kill_at", "join_at", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(ch, name),
+                       help=f"default {getattr(ch, name)}")
+    p.add_argument("--task", default=ch.task, help=f"task (default {ch.task})")
+    p.add_argument("--heartbeat-s", type=float, default=ch.heartbeat_s, help=f"default {ch.heartbeat_s}")
+    p.add_argument("--out-dir", type=Path, default=ch.out_dir, help=f"swarm outputs (default {ch.out_dir})")
+    p.add_argument("--json", type=Path, default=ch.json_path, help=f"results file (default {ch.json_path})")
+
     from p2pnode.bench.mqtt import MqttBenchOptions
 
     m = MqttBenchOptions()
@@ -288,6 +305,16 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         from p2pnode.bench.codecs import run_codec_bench
 
         run_codec_bench(specs=ns.codecs, repeats=ns.repeats, threads=ns.threads, json_path=ns.json)
+        return 0
+    if ns.bench == "churn":
+        from p2pnode.bench.churn import ChurnOptions, run_churn_bench
+
+        data = run_churn_bench(ChurnOptions(
+            nodes=ns.nodes, killed=ns.killed, joiners=ns.joiners, rounds=ns.rounds, kill_at=ns.kill_at,
+            join_at=ns.join_at, seed=ns.seed, task=ns.task, heartbeat_s=ns.heartbeat_s, out_dir=ns.out_dir,
+            json_path=ns.json))
+        print(json.dumps({k: data[k] for k in ("undisturbed", "churn", "accuracy_drop_points")}, indent=1))
+        print(f"results: {ns.json}")
         return 0
     if ns.bench == "mqtt":
         from p2pnode.bench.mqtt import MqttBenchOptions, run_mqtt_bench

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -283,8 +283,8 @@ class Swarm:
         for i in range(first, self.opts.nodes):
             self._allies.append(load_or_create_identity(self.node_paths(i).key).peer_id)
 
-    def _launch(self, i: int) -> None:
-        cmd = self._command(i)
+    def _launch(self, i: int, extra_args: Sequence[str] = ()) -> None:
+        cmd = [*self._command(i), *extra_args]
         logger.debug("starting node %d: %s", i, cmd)
         with open(self.node_paths(i).log, "wb") as log:
             # A new session keeps the terminal's Ctrl-C away from the nodes: the supervisor stops them.
@@ -318,8 +318,11 @@ class Swarm:
                                       f"{_log_tail(self.node_paths(i).log)}")
             time.sleep(0.05)
 
-    def start(self) -> None:
+    def start(self, count: int | None = None) -> None:
         """Create the output tree, start the bootstrap node, then all others; wait until all are ready.
+
+        ``count`` starts only nodes ``0 .. count-1``; the others are started later with :meth:`launch_late`
+        (churn experiments).
 
         Raises
         ------
@@ -339,13 +342,26 @@ class Swarm:
             maddrs = [str(m) for m in info["maddrs"]]
             self._bootstrap_maddr = next((m for m in maddrs if m.startswith("/ip4/127.0.0.1/")), maddrs[0])
             logger.info("bootstrap node ready at %s", self._bootstrap_maddr)
-            for i in range(1, self.opts.nodes):
+            first = self.opts.nodes if count is None else count
+            for i in range(1, first):
                 self._launch(i)
-            self._wait_ready(list(range(1, self.opts.nodes)))
+            self._wait_ready(list(range(1, first)))
         except BaseException:
             self.stop()
             raise
-        logger.info("all %d nodes ready (swarm %s)", self.opts.nodes, self.opts.swarm)
+        logger.info("%d nodes ready (swarm %s)", len(self.processes), self.opts.swarm)
+
+    def launch_late(self, i: int, extra_args: Sequence[str] = ()) -> dict[str, Any]:
+        """Start node ``i`` (the next one not started yet) into the running swarm; wait until it is ready.
+
+        ``extra_args`` are appended to its command line (a later flag overrides an earlier one, e.g. a
+        smaller ``--rounds`` for a node that joins halfway).
+        """
+        if i != len(self.processes) or i >= self.opts.nodes or self._bootstrap_maddr is None:
+            raise ValueError(f"node {i} cannot be started now ({len(self.processes)} of {self.opts.nodes} "
+                             "started; start() first, then the next index)")
+        self._launch(i, extra_args)
+        return self._wait_ready([i])[i]
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM every node still running, wait up to ``grace_s``, then SIGKILL. Idempotent."""
@@ -487,7 +503,9 @@ class Swarm:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises KeyboardInterrupt in the main thread, so ``with Swarm`` blocks stop
+    the node processes they started (benches and ``p2pnode swarm`` run under it)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -535,7 +553,7 @@ def run_swarm(opts: SwarmOptions, *, console: Console | None = None, live: bool 
 
     console = console if console is not None else Console(stderr=True)
     swarm = Swarm(opts, node_command=node_command)
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             console.print(f"starting {opts.nodes} nodes (swarm {opts.swarm}, output {swarm.out})")
             swarm.start()

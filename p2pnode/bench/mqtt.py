@@ -147,14 +147,17 @@ def _one_run(opts: MqttBenchOptions, setting: str, repeat: int, broker: Mosquitt
 
 def run_mqtt_bench(opts: MqttBenchOptions, *, on_run: Any = None) -> dict[str, Any]:
     """Run every setting ``repeats`` times, interleaved; write and return the results."""
+    from p2pnode.swarm import sigterm_as_interrupt
+
     runs: list[dict[str, Any]] = []
     broker = Mosquitto(opts.out_dir / "broker")
-    for repeat in range(opts.repeats):
-        for setting in SETTINGS:
-            run = _one_run(opts, setting, repeat, broker)
-            runs.append(run)
-            if on_run is not None:
-                on_run(run)
+    with sigterm_as_interrupt():
+        for repeat in range(opts.repeats):
+            for setting in SETTINGS:
+                run = _one_run(opts, setting, repeat, broker)
+                runs.append(run)
+                if on_run is not None:
+                    on_run(run)
     medians = {}
     for setting in SETTINGS:
         values = [r["round_time_s"] for r in runs

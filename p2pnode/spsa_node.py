@@ -52,7 +52,6 @@ from p2pnode.trainer import LocalTrainer
 from p2pnode.transport.base import Transport
 from protocols.envelope import Envelope, unpack_limited
 from protocols.errors import ProtocolError
-from protocols.model import decode_model, encode_model
 from protocols.records import MembershipRecord
 from protocols.spsa import (
     Equivocation,
@@ -68,6 +67,7 @@ from protocols.spsa import (
     open_batch,
     seal_batch,
 )
+from protocols.spsa_state import SpsaState, decode_state, encode_state
 
 logger = logging.getLogger(__name__)
 
@@ -299,48 +299,37 @@ class SpsaNode(Node):
     # -- state transfer (join and resync) ------------------------------------------------------------
     def _state_payload(self) -> bytes:
         """Model, log, pending scalars and our step; call only while idle (a consistent snapshot)."""
-        flat, log, pending = self.trainer.get_flat(), self.log.state_dict(), list(self.pending)
-        model = encode_model(flat, fingerprint=self.fingerprint, round=self.round)
-        return msgpack.packb([model, log, pending, self.step], use_bin_type=True)
+        return encode_state(self.trainer.get_flat(), self.log, self.pending, step=self.step,
+                            fingerprint=self.fingerprint, round=self.round)
 
     async def fetch_state(self, peers: Sequence[MembershipRecord]) -> bool:
         """Adopt the state of the peer nearest the median of up to 3 peers' models; False if none replied."""
-        states: list[tuple[str, torch.Tensor, Any, list[Any]]] = []
+        states: list[tuple[str, SpsaState]] = []
         for peer in peers[:3]:
             reply = await self._request(peer, self._seal(KIND_STATE, b""))
             if reply is None:
                 continue
-            try:
+            try:  # every part is checked here: a lying donor costs its own state, nothing else
                 env = self._open_from(peer.peer_id, reply, (KIND_STATE,))
-                body = unpack_limited(env.payload, max_bin=self._max_bytes, max_array=1 << 22,
-                                      max_map=1 << 16)
-                if not (isinstance(body, list) and len(body) == 4 and isinstance(body[0], bytes)):
-                    raise ProtocolError("state must be [model, log, pending, step]")
-                flat = decode_model(body[0], expected_numel=self.trainer.num_params,
-                                    fingerprint=self.fingerprint).flat
-                states.append((peer.peer_id, flat, body[1], body[2]))
+                state = decode_state(env.payload, max_bytes=self._max_bytes, numel=self.trainer.num_params,
+                                     fingerprint=self.fingerprint, k=self.config.spsa.k,
+                                     max_origins=self.config.spsa.max_origins)
+                states.append((peer.peer_id, state))
             except ProtocolError as exc:
-                logger.info("no state from %s: %s", peer.peer_id, exc)
+                self._reject(peer.peer_id, exc)
         if not states:
             return False
-        models = torch.stack([s[1] for s in states])
+        models = torch.stack([s.flat for _, s in states])
         center = models.median(dim=0).values
         best = min(range(len(states)), key=lambda i: float((models[i] - center).norm()))
-        source, flat, log_state, pending = states[best]
-        log = ScalarLog(k=self.config.spsa.k, max_origins=self.config.spsa.max_origins)
-        try:
-            log.load_state_dict(log_state)
-            todo = [(str(o), int(t), int(k), int(c)) for o, t, k, c in pending]
-        except (KeyError, TypeError, ValueError) as exc:
-            logger.warning("state from %s is malformed: %s", source, exc)
-            return False
+        source, state = states[best]
         await self._idle.wait()
-        self.trainer.set_flat_(flat)  # no await from here on: the switch is atomic for the handlers
+        self.trainer.set_flat_(state.flat)  # no await from here on: the switch is atomic for the handlers
         own = self.log.summary().get(self.identity.peer_id, -1)
-        self.log, self.pending = log, deque(todo)
-        self.step = max(self.step, own + 1, log.summary().get(self.identity.peer_id, -1) + 1)
+        self.log, self.pending = state.log, deque(state.pending)
+        self.step = max(self.step, own + 1, state.log.summary().get(self.identity.peer_id, -1) + 1)
         self.resyncs += 1
-        logger.info("adopted the state of %s (%d scalars pending)", source, len(todo))
+        logger.info("adopted the state of %s (%d scalars pending)", source, len(state.pending))
         return True
 
     # -- rounds ------------------------------------------------------------------------------------

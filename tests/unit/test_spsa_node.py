@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgpack
 import pytest
 import torch
 
@@ -126,3 +127,47 @@ def test_a_node_whose_model_drifted_resyncs_from_its_peers() -> None:
     assert sum(n.probe_mismatches for n in nodes) >= 1
     assert nodes[2].resyncs >= 1
     assert _max_diff(nodes) < 1e-5
+
+
+def _poisoned_state(node: SpsaNode, honest: bytes, poison: str) -> bytes:
+    """``node``'s state payload ``honest`` with one part replaced by what a lying donor could send."""
+    model, log, pending, step = msgpack.unpackb(honest, raw=False)
+    if poison == "log-not-a-map":
+        log = [1, 2]
+    elif poison == "origins-not-a-map":
+        log["origins"] = [log["origins"]]
+    elif poison == "codes-as-a-huge-int":  # bytes(2**40) would allocate a TiB
+        origin = next(iter(log["origins"]))
+        log["origins"][origin]["codes"] = [[0, 2**40]]
+    elif poison == "banned-not-strings":
+        log["banned"] = [7]
+    elif poison == "pending-code-300":  # accepted, then the worker thread fails on it mid-round
+        pending = [[node.identity.peer_id, 10**6, 0, 300]]
+    elif poison == "pending-infinite-step":
+        pending = [[node.identity.peer_id, float("inf"), 0, 1]]
+    elif poison == "pending-not-4-tuples":
+        pending = [[1]]
+    return msgpack.packb([model, log, pending, step], use_bin_type=True)
+
+
+@pytest.mark.parametrize("poison", ["log-not-a-map", "origins-not-a-map", "codes-as-a-huge-int",
+                                    "banned-not-strings", "pending-code-300", "pending-infinite-step",
+                                    "pending-not-4-tuples"])
+def test_a_joiner_refuses_malformed_states_and_keeps_running(poison: str) -> None:
+    async def scenario() -> SpsaNode:
+        swarm = _swarm(nodes=3)
+        *donors, joiner = _spsa_nodes(swarm)
+        for n in (*donors, joiner):
+            await n.transport.start(n.serve)
+        await _rounds(donors, 1)
+        for donor in donors:
+            honest = donor._state_payload
+            donor._state_payload = (  # type: ignore[method-assign]
+                lambda d=donor, h=honest: _poisoned_state(d, h(), poison))
+        assert not await joiner.fetch_state(joiner.membership.sample(3))
+        await _rounds([*donors, joiner], 1)  # the joiner still runs rounds
+        return joiner
+
+    joiner = asyncio.run(scenario())
+    assert joiner.resyncs == 0
+    assert joiner.round == 1

@@ -28,7 +28,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from p2pnode.errors import P2PNodeError
 from protocols.errors import ProtocolError
@@ -82,6 +82,13 @@ def sign_command(signer: Signer, cmd: str, *, swarm: str, target: str = "*",
     return MAGIC + bytes([VERSION]) + _public_key(signer) + signer.sign(DOMAIN + body) + body
 
 
+def _is_time(ts: object) -> TypeGuard[int | float]:
+    """A finite number of seconds (an int too large for a float is not one: it would overflow later)."""
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        return False
+    return math.isfinite(ts) if isinstance(ts, float) else abs(ts) <= 2**53
+
+
 class CommandVerifier:
     """Checks incoming commands for one node (see the module docstring for the order of checks).
 
@@ -124,7 +131,9 @@ class CommandVerifier:
 
     def open(self, data: bytes) -> Command:
         """Return the command in ``data`` or raise :class:`ControlError`."""
-        if not isinstance(data, bytes | bytearray) or len(data) > MAX_COMMAND_BYTES:
+        if not isinstance(data, bytes | bytearray):
+            raise ControlError("malformed", f"a command is bytes, got {type(data).__name__}")
+        if len(data) > MAX_COMMAND_BYTES:
             raise ControlError("size", f"{len(data)} B is over the {MAX_COMMAND_BYTES} B limit")
         if len(data) <= _HEADER or not data.startswith(MAGIC):
             raise ControlError("unsigned", "not a signed command frame")
@@ -140,8 +149,8 @@ class CommandVerifier:
             raise ControlError("signature", f"bad signature for operator {operator}")
         try:
             obj = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ControlError("malformed", f"body is not JSON: {exc}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # Recursion: nesting
+            raise ControlError("malformed", f"body is not JSON: {type(exc).__name__}: {exc}") from None
         return self._check(obj, operator)
 
     def _check(self, obj: Any, operator: str) -> Command:
@@ -151,7 +160,7 @@ class CommandVerifier:
                                                                     "args"))
         if not (isinstance(cmd, str) and isinstance(swarm, str) and isinstance(target, str)
                 and isinstance(nonce, str) and 8 <= len(nonce) <= 64 and isinstance(args, dict)
-                and isinstance(ts, int | float) and not isinstance(ts, bool) and math.isfinite(ts)):
+                and _is_time(ts)):
             raise ControlError("malformed", "missing or mistyped field")
         if swarm != self.swarm:
             raise ControlError("swarm", f"command for swarm {swarm!r}, this node is in {self.swarm!r}")

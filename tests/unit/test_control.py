@@ -115,6 +115,30 @@ def test_signed_but_malformed_bodies_are_rejected() -> None:
         assert _reason(v, signed(body)) == "malformed", key
 
 
+def _signed(body: bytes) -> bytes:
+    from protocols.keys import pubkey_from_peer_id
+
+    key = pubkey_from_peer_id(OPERATOR.peer_id)
+    return MAGIC + bytes([VERSION]) + key + OPERATOR.sign(DOMAIN + body) + body
+
+
+@pytest.mark.parametrize("body", [
+    b'{"cmd":"pause","swarm":"s1","target":"*","ts":' + b"9" * 400 + b',"nonce":"abababab","args":{}}',
+    b'{"cmd":"pause","swarm":"s1","target":"*","ts":-' + b"9" * 400 + b',"nonce":"abababab","args":{}}',
+    b"[" * 1000,  # nested deeper than the JSON decoder's recursion limit
+    b'{"a":' * 300 + b"1" + b"}" * 300,
+])
+def test_signed_bodies_that_broke_the_json_checks_are_malformed(body: bytes) -> None:
+    # an integer timestamp too large for a float raised OverflowError, deep nesting RecursionError
+    assert _reason(_verifier(), _signed(body[:MAX_BODY])) == "malformed"
+
+
+@pytest.mark.parametrize("data", [None, 5, "P2PC", 1.5])
+def test_input_that_is_not_bytes_is_a_control_error(data: object) -> None:
+    # len() of an int raised TypeError while the size error was being built
+    assert _reason(_verifier(), data) == "malformed"  # type: ignore[arg-type]
+
+
 def test_the_nonce_memory_is_bounded_and_forgets_old_commands() -> None:
     clock = [NOW]
     v = CommandVerifier([OPERATOR.peer_id], swarm="s1", peer_id=NODE, window_s=10.0, max_nonces=3,

@@ -133,6 +133,7 @@ def add_bench(sub: Any) -> None:
 
 
     add_gpu_bench(which)
+    add_fuzz_bench(which)
 
     from p2pnode.bench.churn import ChurnOptions
 
@@ -225,6 +226,46 @@ def add_gpu_bench(which: Any) -> None:
     p.add_argument("--json", type=Path, default=g.json_path, help=f"results file (default {g.json_path})")
 
 
+def add_fuzz_bench(which: Any) -> None:
+    """Register ``bench fuzz``."""
+    from p2pnode.bench.fuzz import FuzzOptions
+
+    f = FuzzOptions()
+    p = which.add_parser("fuzz", allow_abbrev=False,
+                         help="fuzzed messages against a live node: it must refuse them and keep training",
+                         description="Starts two `p2pnode run` nodes (digits) on loopback and sends "
+                                     "--messages fuzzed messages (structure-aware mutations of signed "
+                                     "envelopes and model payloads, random bytes, bad frames) to one of them "
+                                     "over libp2p from --lanes hosts of this process. Checks: the node never "
+                                     "crashed or restarted, every message got the typed answer it was built "
+                                     "for, no send hung, messages_rejected counted every refusal, rounds "
+                                     "kept coming.")
+    p.add_argument("--messages", type=int, default=f.messages,
+                   help=f"messages to send (default {f.messages:,})")
+    p.add_argument("--lanes", type=int, default=f.lanes, help=f"concurrent senders (default {f.lanes})")
+    p.add_argument("--seed", type=int, default=f.seed, help=f"seed of the messages (default {f.seed})")
+    p.add_argument("--timeout-s", type=float, default=f.timeout_s,
+                   help=f"deadline of one send; reaching it is a hang (default {f.timeout_s})")
+    p.add_argument("--rate", type=float, default=f.rate, help="most messages per second (default 0: none)")
+    p.add_argument("--out-dir", type=Path, default=f.out_dir, help=f"node files (default {f.out_dir})")
+    p.add_argument("--json", type=Path, default=f.json_path, help=f"results file (default {f.json_path})")
+
+
+def run_fuzz_bench_cli(ns: argparse.Namespace) -> int:
+    from p2pnode.bench.fuzz import FuzzOptions, format_report, run_fuzz_bench
+
+    try:
+        opts = FuzzOptions(messages=ns.messages, lanes=ns.lanes, seed=ns.seed, timeout_s=ns.timeout_s,
+                           rate=ns.rate, out_dir=ns.out_dir, json_path=ns.json)
+    except ValueError as exc:
+        print(f"p2pnode bench fuzz: {exc}", file=sys.stderr)
+        return 2
+    result = run_fuzz_bench(opts, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_report(result))
+    print(f"results: {ns.json}")
+    return 0 if result["passed"] else 1
+
+
 def run_gpu_bench_cli(ns: argparse.Namespace) -> int:
     from p2pnode.bench.gpu import GpuBenchOptions, format_report, run_gpu_bench
 
@@ -244,6 +285,8 @@ def run_gpu_bench_cli(ns: argparse.Namespace) -> int:
 def cmd_bench(ns: argparse.Namespace) -> int:
     if ns.bench == "gpu":
         return run_gpu_bench_cli(ns)
+    if ns.bench == "fuzz":
+        return run_fuzz_bench_cli(ns)
     if ns.bench == "robustness":
         from p2pnode.bench.robustness import RobustnessOptions, run_robustness
 

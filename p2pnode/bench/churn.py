@@ -9,7 +9,8 @@ and run ``rounds - join_at`` rounds, so that everyone ends at about the same tim
 Reported:
 
 - ``max_round_gap_s``: the longest time any survivor spent on one round after the kill (the time between
-  two consecutive metrics lines), against ``2 x --heartbeat-s``;
+  two consecutive metrics lines), and ``max_wait_beyond_median_s``: that minus the survivors' median round
+  time before the kill (the waiting the churn added), both against ``2 x --heartbeat-s``;
 - the final honest accuracy (mean over the nodes alive at the end) of both runs and its difference;
 - each joiner's test accuracy at its 5th round against the survivors' mean accuracy at that moment (their
   last evaluation before the joiner's).
@@ -111,11 +112,15 @@ def _run(opts: ChurnOptions, *, churn: bool) -> dict[str, Any]:
                               "all_alive_finished": all(a is not None for a in finals.values())}
     if not churn:
         return result
-    gaps = []
+    before, after = [], []
     for i in survivors:
-        ts = [r["t"] for r in _rows(swarm.node_paths(i).metrics) if r["t"] >= (t_kill or 0)]
-        gaps += [b - a for a, b in zip(ts, ts[1:], strict=False)]
-    result["max_round_gap_s"] = max(gaps) if gaps else None
+        ts = [r["t"] for r in _rows(swarm.node_paths(i).metrics)]
+        for a, b in zip(ts, ts[1:], strict=False):
+            (after if b >= (t_kill or 0) else before).append(b - a)
+    median_before = statistics.median(before) if before else None
+    result["round_time_median_before_kill_s"] = median_before
+    result["max_round_gap_s"] = max(after) if after else None
+    result["max_wait_beyond_median_s"] = (max(after) - median_before) if after and median_before else None
     result["round_gap_limit_s"] = 2 * opts.heartbeat_s
     joined: dict[int, dict[str, Any] | None] = {}
     for j in joiners:

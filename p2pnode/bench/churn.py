@@ -112,7 +112,8 @@ def _run(opts: ChurnOptions, *, churn: bool) -> dict[str, Any]:
                               "all_alive_finished": all(a is not None for a in finals.values())}
     if not churn:
         return result
-    before, after = [], []
+    before: list[float] = []
+    after: list[float] = []
     for i in survivors:
         ts = [r["t"] for r in _rows(swarm.node_paths(i).metrics)]
         for a, b in zip(ts, ts[1:], strict=False):

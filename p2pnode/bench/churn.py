@@ -132,10 +132,10 @@ def _run(opts: ChurnOptions, *, churn: bool) -> dict[str, Any]:
             continue
         others = []
         for i in survivors:
-            before = [r for r in _rows(swarm.node_paths(i).metrics)
-                      if r["t"] <= fifth["t"] and r.get("test_accuracy") is not None]
-            if before:
-                others.append(before[-1]["test_accuracy"])
+            evaluated = [r for r in _rows(swarm.node_paths(i).metrics)
+                         if r["t"] <= fifth["t"] and r.get("test_accuracy") is not None]
+            if evaluated:
+                others.append(evaluated[-1]["test_accuracy"])
         swarm_acc = statistics.fmean(others) if others else None
         joined[j] = {"accuracy_round5": fifth["test_accuracy"], "swarm_accuracy": swarm_acc,
                      "gap_points": None if swarm_acc is None else 100 * (swarm_acc - fifth["test_accuracy"])}

@@ -30,8 +30,8 @@ from typing import Any, NoReturn
 
 from p2pnode import __version__
 from p2pnode.config import SECTIONS, NetworkConfig, NodeConfig, default_toml, load_config
-from p2pnode.errors import ConfigError, P2PNodeError
-from p2pnode.identity import Identity, load_identity, save_identity
+from p2pnode.errors import ConfigError, IdentityError, P2PNodeError
+from p2pnode.identity import Identity, grind_identity, load_identity, save_identity
 from p2pnode.swarm import SwarmOptions, SwarmStartError, run_swarm
 
 logger = logging.getLogger(__name__)
@@ -241,6 +241,9 @@ def _add_key_commands(sub: Any) -> None:
                  "Create the Ed25519 key that is both the node's signing key and its libp2p identity.")
     p.add_argument("--identity", metavar="PATH", default=default_key, help=key_help)
     p.add_argument("--force", action="store_true", help="overwrite an existing key (its peer id is lost)")
+    p.add_argument("--pow-bits", type=int, default=0, metavar="N",
+                   help="grind a key whose peer id carries N bits of identity proof of work, for swarms run "
+                        "with --identity-pow-bits N (about 2^N key generations; default 0)")
     p = _command(sub, "peer-id", "print the peer id of a key file")
     p.add_argument("--identity", metavar="PATH", default=default_key, help=key_help)
 
@@ -342,8 +345,38 @@ def _cmd_init(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _grind(bits: int) -> Identity:
+    """Grind a key with ``bits`` bits of identity proof of work, reporting progress on stderr."""
+    import time
+
+    if not 0 <= bits <= 32:
+        raise ConfigError("--pow-bits", bits, "0 <= bits <= 32")
+    if bits == 0:
+        return Identity.generate()
+    print(f"grinding a key with {bits} bits of identity proof of work: {2**bits:,} tries expected",
+          file=sys.stderr)
+    start = last = time.monotonic()
+
+    def progress(tries: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= 2.0:
+            last = now
+            rate = tries / (now - start)  # each try wins with probability 2^-bits, whatever came before
+            print(f"  {tries:,} tries, {rate:,.0f} keys/s: {2**bits / rate:,.0f} s per key on average",
+                  file=sys.stderr)
+
+    identity, tries = grind_identity(bits, progress=progress)
+    elapsed = time.monotonic() - start
+    print(f"found one after {tries:,} tries in {elapsed:.1f} s", file=sys.stderr)
+    return identity
+
+
 def _cmd_keygen(ns: argparse.Namespace) -> int:
-    path = save_identity(Identity.generate(), Path(ns.identity), overwrite=ns.force)
+    target = Path(ns.identity).expanduser()
+    if target.exists() and not ns.force:  # before grinding, which may take minutes
+        raise IdentityError(f"{target} already exists (refusing to overwrite a key)")
+    path = save_identity(_grind(ns.pow_bits), target, overwrite=ns.force)
     identity = load_identity(path)
     print(f"wrote {path} (mode 0600)", file=sys.stderr)
     print(identity.peer_id)

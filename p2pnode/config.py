@@ -90,6 +90,19 @@ class NetworkConfig:
     max_message_mb: float = _doc("largest message accepted from a peer, in MiB (checked before allocating)",
                                  256.0)
     chunk_kb: int = _doc("stream chunk size in KiB", 1024)
+    max_peers: int = _doc("most membership records read per refresh, hence the largest view (peers that "
+                          "answered lately first, then a random sample of the rest)", 1024)
+    peer_rate: float = _doc("requests per second accepted from one peer (token bucket; 0 = no limit)", 50.0)
+    peer_burst: float = _doc("requests one peer may send at once before peer_rate applies", 100.0)
+    peer_mb_s: float = _doc("MiB per second accepted from one peer (the bucket holds 2 s of it, at least "
+                            "max_message_mb; 0 = no limit)", 1024.0)
+    ban_after: float = _doc("penalty points that ban a peer: each rejected message costs 1 (bad signature, "
+                            "malformed, replay, oversized, NaN, over its rate)", 10.0)
+    score_recovery_s: float = _doc("seconds for a peer to recover one penalty point", 30.0)
+    ban_s: float = _doc("how long a banned peer is refused (before its request is read) and left out of "
+                        "sampling", 300.0)
+    identity_pow_bits: int = _doc("accept only peer ids whose sha256(domain + public key) starts with this "
+                                  "many zero bits (0 = off; `p2pnode keygen --pow-bits N` grinds a key)", 0)
 
     def __post_init__(self) -> None:
         _require(bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.swarm)), "network.swarm", self.swarm,
@@ -108,6 +121,17 @@ class NetworkConfig:
         _require(0 < self.max_message_mb <= 4096, "network.max_message_mb", self.max_message_mb,
                  "0 < MiB <= 4096")
         _require(4 <= self.chunk_kb <= 16384, "network.chunk_kb", self.chunk_kb, "4 <= KiB <= 16384")
+        self._check_guard()
+
+    def _check_guard(self) -> None:
+        _require(self.max_peers >= 1, "network.max_peers", self.max_peers, "integer >= 1")
+        for name in ("peer_rate", "peer_mb_s", "ban_s"):
+            _require(getattr(self, name) >= 0, f"network.{name}", getattr(self, name), "float >= 0 (0 = off)")
+        _require(self.peer_burst >= 1, "network.peer_burst", self.peer_burst, "float >= 1")
+        _require(self.ban_after > 0, "network.ban_after", self.ban_after, "float > 0")
+        _require(self.score_recovery_s > 0, "network.score_recovery_s", self.score_recovery_s, "float > 0")
+        _require(0 <= self.identity_pow_bits <= 32, "network.identity_pow_bits", self.identity_pow_bits,
+                 "0 <= bits <= 32")
 
     @property
     def max_message_bytes(self) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from p2pnode.errors import IdentityError
 from protocols.keys import peer_id_from_pubkey
+from protocols.pow import has_pow, pow_bits_of
 
 logger = logging.getLogger(__name__)
 
@@ -112,3 +114,30 @@ def load_or_create_identity(path: Path) -> Identity:
         except IdentityError:
             pass  # another process created it between exists() and save; load theirs
     return load_identity(path)
+
+
+def grind_identity(bits: int, *, progress: Callable[[int], None] | None = None,
+                   every: int = 4096) -> tuple[Identity, int]:
+    """Generate keys until one carries ``bits`` bits of identity proof of work (:mod:`protocols.pow`).
+
+    Returns the identity and the number of keys tried (geometric, mean ``2**bits``). ``progress`` is
+    called with the count so far every ``every`` tries.
+    """
+    tries = 0
+    while True:
+        tries += 1
+        key = Ed25519PrivateKey.from_private_bytes(os.urandom(32))
+        if has_pow(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw), bits):
+            return Identity(private_key=key), tries
+        if progress is not None and tries % every == 0:
+            progress(tries)
+
+
+def require_identity_pow(identity: Identity, bits: int) -> None:
+    """Raise :class:`IdentityError` if ``identity`` lacks ``bits`` bits of proof of work (peers would
+    ignore this node)."""
+    if not has_pow(identity.public_bytes, bits):
+        where = identity.path or "the key"
+        raise IdentityError(f"{where} has {pow_bits_of(identity.public_bytes)} bits of identity proof of "
+                            f"work, the swarm asks for {bits} (--identity-pow-bits): grind a key with "
+                            f"`p2pnode keygen --pow-bits {bits} --identity PATH`")

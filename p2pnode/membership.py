@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
 import os
 import random
@@ -43,6 +44,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from p2pnode.errors import ConfigError, IdentityError, P2PNodeError, PeerUnreachable
 from p2pnode.identity import Identity
 from protocols.errors import ProtocolError
+from protocols.pow import peer_id_has_pow
 from protocols.records import MAX_NAME_CHARS, MAX_RECORD_BYTES, MembershipRecord, pack_record, unpack_record
 
 logger = logging.getLogger(__name__)
@@ -83,23 +85,46 @@ class Ed25519RecordValidator(RecordValidatorBase):
     (signature by that record's peer id); the record's peer id equals the subkey and its swarm the
     guarded swarm; the DHT expiration is at most ``timestamp + max_ttl_s``. Plain values (no
     subkey) under a guarded key are refused, so nobody can overwrite the whole member table.
-    Records under other keys pass untouched. Plain attributes only: it is pickled into the DHT
-    process.
+    With ``pow_bits`` > 0 the subkey's peer id must also carry the identity proof of work
+    (:mod:`protocols.pow`), checked before the signature, so honest DHT nodes neither store nor
+    return records of unpriced ids. Records under other keys pass untouched. Plain attributes
+    only: it is pickled into the DHT process.
+
+    hivemind validates every record of every remote answer again, so each ``get`` of a member table
+    flooded with N records would cost N signature checks in the DHT process: verdicts are remembered
+    (a digest of key, subkey, value and expiration -> bool) for the last ``cache_size`` records.
     """
 
+    cache_size = 16_384
+
     def __init__(self, swarms: Iterable[str], *, max_ttl_s: float = DEFAULT_MAX_TTL_S,
-                 max_record_bytes: int = MAX_RECORD_BYTES) -> None:
+                 max_record_bytes: int = MAX_RECORD_BYTES, pow_bits: int = 0) -> None:
         self.guarded: dict[bytes, str] = {_key_id(swarm): swarm for swarm in swarms}
         self.max_ttl_s = max_ttl_s
         self.max_record_bytes = max_record_bytes
+        self.pow_bits = pow_bits
+        self._verdicts: OrderedDict[bytes, bool] = OrderedDict()
 
     def validate(self, record: DHTRecord) -> bool:
         swarm = self.guarded.get(record.key)
         if swarm is None:
             return True
+        digest = hashlib.blake2b(b"".join((record.key, len(record.subkey).to_bytes(4, "big"), record.subkey,
+                                           repr(record.expiration_time).encode(), record.value)),
+                                 digest_size=16).digest()
+        verdict = self._verdicts.get(digest)
+        if verdict is None:
+            verdict = self._verify(record, swarm)
+            self._verdicts[digest] = verdict
+            if len(self._verdicts) > self.cache_size:
+                self._verdicts.popitem(last=False)
+        return verdict
+
+    def _verify(self, record: DHTRecord, swarm: str) -> bool:
         try:
             verify_dht_record(record.subkey, record.value, record.expiration_time, swarm=swarm,
-                              max_ttl_s=self.max_ttl_s, max_record_bytes=self.max_record_bytes)
+                              max_ttl_s=self.max_ttl_s, max_record_bytes=self.max_record_bytes,
+                              pow_bits=self.pow_bits)
         except ProtocolError as exc:
             logger.debug("refused DHT record for swarm %s: %s", swarm, exc)
             return False
@@ -123,11 +148,14 @@ class Ed25519RecordValidator(RecordValidatorBase):
         self.guarded.update(other.guarded)
         self.max_ttl_s = min(self.max_ttl_s, other.max_ttl_s)
         self.max_record_bytes = min(self.max_record_bytes, other.max_record_bytes)
+        self.pow_bits = max(self.pow_bits, other.pow_bits)
+        self._verdicts.clear()
         return True
 
 
 def verify_dht_record(subkey: bytes, value: bytes, expiration_time: float, *, swarm: str,
-                      max_ttl_s: float, max_record_bytes: int = MAX_RECORD_BYTES) -> MembershipRecord:
+                      max_ttl_s: float, max_record_bytes: int = MAX_RECORD_BYTES,
+                      pow_bits: int = 0) -> MembershipRecord:
     """Check one serialized (subkey, value) pair of the swarm key; ProtocolError if it is invalid."""
     try:
         owner = msgpack.unpackb(subkey, raw=False, max_str_len=MAX_NAME_CHARS, max_bin_len=0,
@@ -138,6 +166,8 @@ def verify_dht_record(subkey: bytes, value: bytes, expiration_time: float, *, sw
         raise ProtocolError(f"malformed subkey or value: {exc}") from exc
     if not isinstance(owner, str) or subkey != _subkey_bytes(owner):
         raise ProtocolError("subkey is not a canonical peer id string")
+    if not peer_id_has_pow(owner, pow_bits):
+        raise ProtocolError(f"peer id {owner} lacks the identity proof of work ({pow_bits} bits)")
     if not isinstance(inner, bytes):
         raise ProtocolError("value is not a signed record")
     return check_record(unpack_record(inner, max_bytes=max_record_bytes), owner, expiration_time,
@@ -161,7 +191,7 @@ def check_record(rec: MembershipRecord, owner: str, expiration_time: float, *, s
 
 def create_dht(identity_path: str, *, swarm: str, initial_peers: Sequence[str], host_maddrs: Sequence[str],
                announce_maddrs: Sequence[str], wait_timeout: float = 30.0,
-               max_ttl_s: float = DEFAULT_MAX_TTL_S) -> hivemind.DHT:
+               max_ttl_s: float = DEFAULT_MAX_TTL_S, pow_bits: int = 0) -> hivemind.DHT:
     """Start a hivemind DHT whose libp2p identity is the p2pnode key at ``identity_path``.
 
     Blocks for up to ``wait_timeout`` seconds (call it through ``asyncio.to_thread`` from a loop).
@@ -179,7 +209,7 @@ def create_dht(identity_path: str, *, swarm: str, initial_peers: Sequence[str], 
     """
     if not os.path.isfile(identity_path):
         raise IdentityError(f"{identity_path}: no such key file (create it with save_identity first)")
-    validator = Ed25519RecordValidator([swarm], max_ttl_s=max_ttl_s)
+    validator = Ed25519RecordValidator([swarm], max_ttl_s=max_ttl_s, pow_bits=pow_bits)
     try:
         dht = hivemind.DHT(
             initial_peers=list(initial_peers) or None, start=True, await_ready=False,
@@ -265,7 +295,14 @@ class Membership:
     rng:
         Peer sampling randomness (seeded by the node).
     max_peers:
-        Largest live view and unreachable table kept.
+        Most records read (parsed and verified) per refresh, hence the largest view; also the size
+        of the unreachable and answered tables. See :meth:`refresh` for which records are read when
+        the DHT holds more.
+    pow_bits:
+        Identity proof of work required of every member (:mod:`protocols.pow`); records of ids
+        without it are counted in ``rejected`` and never parsed.
+    exclude:
+        Peers for which it returns True are left out of the view (the node's banned peers).
     mode, codec:
         What this node runs (``gossip.mode``, ``gossip.codec``), advertised in its record; peers whose
         record names another mode are left out of the live view (they could not understand each other),
@@ -273,8 +310,9 @@ class Membership:
     """
 
     def __init__(self, dht: hivemind.DHT, identity: Identity, *, swarm: str, heartbeat_s: float, ttl_s: float,
-                 unreachable_s: float, dht_timeout: float, rng: random.Random, max_peers: int = 10_000,
-                 max_ttl_s: float = DEFAULT_MAX_TTL_S, mode: str = "gossip", codec: str = "dense") -> None:
+                 unreachable_s: float, dht_timeout: float, rng: random.Random, max_peers: int = 1024,
+                 max_ttl_s: float = DEFAULT_MAX_TTL_S, mode: str = "gossip", codec: str = "dense",
+                 pow_bits: int = 0, exclude: Callable[[str], bool] | None = None) -> None:
         if not 0 < heartbeat_s < ttl_s <= max_ttl_s:
             raise ValueError(f"need 0 < heartbeat_s ({heartbeat_s}) < ttl_s ({ttl_s}) <= {max_ttl_s}")
         self.dht, self.identity, self.swarm = dht, identity, swarm
@@ -282,10 +320,13 @@ class Membership:
         self.heartbeat_s, self.ttl_s, self.unreachable_s = heartbeat_s, ttl_s, unreachable_s
         self.dht_timeout, self.rng, self.max_peers, self.max_ttl_s = dht_timeout, rng, max_peers, max_ttl_s
         self.mode, self.codec = mode, codec
+        self.pow_bits, self.exclude = pow_bits, exclude
+        self.unread = 0  # records left unread at the last refresh (the DHT held more than max_peers)
         self.rejected = 0  # records that failed local verification, over this object's life
         self.other_mode = 0  # valid records of peers running another mode, at the last refresh
         self._live: list[MembershipRecord] = []
         self._unreachable: OrderedDict[str, float] = OrderedDict()  # peer id -> monotonic mark time
+        self._answered: OrderedDict[str, None] = OrderedDict()  # peers that answered us, LRU
         self._maddrs: tuple[str, ...] | None = None
 
     async def publish(self, *, round: int, model_fingerprint: bytes) -> None:
@@ -302,10 +343,17 @@ class Membership:
             raise MembershipError("DHT store of the membership record was refused by every replica")
 
     async def refresh(self) -> list[MembershipRecord]:
-        """Fetch the member table, verify every record locally, replace the view, return :meth:`live`.
+        """Fetch the member table, verify a bounded part of it locally, replace the view, return :meth:`live`.
 
-        Records that fail verification are counted in ``rejected``; expired ones and our own are
-        skipped; peers marked unreachable are kept in the view but filtered out by :meth:`live`.
+        At most ``max_peers`` records are parsed and verified, whatever the DHT holds, so a flood of
+        records (valid ones from many fresh keys, or junk) costs a bounded time per refresh and leaves
+        a view of at most ``max_peers``. When there are more, the records read are, first, those of
+        peers that answered us lately (:meth:`mark_alive`; up to half the budget), then a uniformly
+        random sample of the rest, drawn anew each refresh: a flooder dilutes the view in proportion
+        to its records but cannot keep an honest peer out of it for long, and cannot displace peers
+        that proved they answer. Records that fail verification (or lack the proof of work) are
+        counted in ``rejected``; expired ones, our own and excluded peers' are skipped unparsed;
+        peers marked unreachable are kept in the view but filtered out by :meth:`live`.
         """
         future = self.dht.get(self.key, latest=True, return_future=True)
         found = await _await_mp(future, self.dht_timeout, "get")
@@ -314,31 +362,71 @@ class Membership:
             self.rejected += 1
             entries = {}
         self._expire_unreachable()
-        valid = [rec for owner, item in entries.items() if (rec := self._accept(owner, item)) is not None]
+        valid, parsed, now = [], 0, get_dht_time()
+        for owner in self._reading_order(entries):
+            if parsed >= self.max_peers:
+                break
+            item = entries[owner]
+            if not self._worth_parsing(owner, item, now):
+                continue
+            parsed += 1
+            if (rec := self._accept(owner, item)) is not None:
+                valid.append(rec)
+            if parsed % 64 == 0:
+                await asyncio.sleep(0)  # ~64 signature checks at a time: the loop keeps serving peers
+        self.unread = max(0, len(entries) - parsed)
         live = [rec for rec in valid if rec.mode == self.mode]
         if len(live) < len(valid) and not self.other_mode:
             logger.warning("%d peers of swarm %s run another --mode than %s: left out of the view",
                            len(valid) - len(live), self.swarm, self.mode)
         self.other_mode = len(valid) - len(live)
-        if len(live) > self.max_peers:
-            live = self.rng.sample(live, self.max_peers)
         self._live = sorted(live, key=lambda rec: rec.peer_id)
         return self.live()
 
-    def _accept(self, owner: object, item: Any) -> MembershipRecord | None:
+    def _reading_order(self, entries: dict[Any, Any]) -> list[Any]:
+        """The subkeys to read, in order: all of them if they fit the budget; else see :meth:`refresh`.
+
+        Costs O(len(entries)) to list the keys (hivemind already paid that to deliver them) plus
+        O(max_peers) to choose; twice the budget is drawn at random so that skipped entries (expired,
+        own, excluded) do not leave it unused.
+        """
+        if len(entries) <= self.max_peers:
+            return list(entries)
+        pinned = [peer for peer in reversed(self._answered) if peer in entries][: self.max_peers // 2]
+        chosen = set(pinned)
+        owners = list(entries)
+        drawn = self.rng.sample(owners, min(len(owners), 2 * self.max_peers))
+        return pinned + [owner for owner in drawn if owner not in chosen]
+
+    def _worth_parsing(self, owner: object, item: Any, now: float) -> bool:
+        """Cheap checks before any parsing: False for our own, expired or excluded records (not counted)
+        and for ids without the proof of work or entries of the wrong shape (counted in ``rejected``)."""
+        expiration = getattr(item, "expiration_time", None)
+        if not isinstance(owner, str) or not isinstance(expiration, float | int):
+            self.rejected += 1
+            return False
+        if expiration <= now or owner == self.identity.peer_id or self._excluded(owner):
+            return False
+        if not peer_id_has_pow(owner, self.pow_bits):
+            self.rejected += 1
+            logger.debug("dropped membership record of %s: no identity proof of work", owner)
+            return False
+        return True
+
+    def _accept(self, owner: str, item: Any) -> MembershipRecord | None:
         try:
-            value, expiration = item.value, item.expiration_time
-            if not (isinstance(owner, str) and isinstance(value, bytes)):
-                raise ProtocolError("subkey or value of the wrong type")
-            rec = check_record(unpack_record(value), owner, expiration, swarm=self.swarm,
-                               max_ttl_s=self.max_ttl_s)
+            value = item.value
+            if not isinstance(value, bytes):
+                raise ProtocolError("value of the wrong type")
+            return check_record(unpack_record(value), owner, item.expiration_time, swarm=self.swarm,
+                                max_ttl_s=self.max_ttl_s)
         except (ProtocolError, AttributeError) as exc:
             self.rejected += 1
             logger.debug("dropped membership record under %r: %s", owner, exc)
             return None
-        if expiration <= get_dht_time() or owner == self.identity.peer_id:
-            return None
-        return rec
+
+    def _excluded(self, peer_id: str) -> bool:
+        return self.exclude is not None and self.exclude(peer_id)
 
     def _is_unreachable(self, peer_id: str) -> bool:
         marked = self._unreachable.get(peer_id)
@@ -350,24 +438,44 @@ class Membership:
             self._unreachable.popitem(last=False)
 
     def live(self) -> list[MembershipRecord]:
-        """The verified records of other peers from the last refresh, minus those marked unreachable."""
-        return [rec for rec in self._live if not self._is_unreachable(rec.peer_id)]
+        """The verified records of other peers from the last refresh, minus those marked unreachable
+        and those ``exclude`` names."""
+        return [rec for rec in self._live
+                if not self._is_unreachable(rec.peer_id) and not self._excluded(rec.peer_id)]
 
     def sample(self, k: int) -> list[MembershipRecord]:
-        """Up to ``k`` distinct live peers chosen uniformly at random."""
+        """Up to ``k`` distinct live peers chosen uniformly at random.
+
+        When the last refresh left records unread (the member table holds more than ``max_peers``,
+        e.g. a flood of records from fresh keys), half the sample (rounded up) is drawn from the
+        peers that answered us lately and the rest from the others: records of silent or dead
+        identities can waste at most half of a round's exchanges.
+        """
         live = self.live()
-        return self.rng.sample(live, min(max(k, 0), len(live)))
+        k = min(max(k, 0), len(live))
+        if not self.unread:
+            return self.rng.sample(live, k)
+        answered = [rec for rec in live if rec.peer_id in self._answered]
+        others = [rec for rec in live if rec.peer_id not in self._answered]
+        first = min(len(answered), max((k + 1) // 2, k - len(others)))
+        return self.rng.sample(answered, first) + self.rng.sample(others, k - first)
 
     def mark_unreachable(self, peer_id: str) -> None:
         """Leave ``peer_id`` out of the live view for ``unreachable_s`` seconds."""
+        self._answered.pop(peer_id, None)
         self._unreachable.pop(peer_id, None)
         self._unreachable[peer_id] = time.monotonic()
         while len(self._unreachable) > self.max_peers:
             self._unreachable.popitem(last=False)
 
     def mark_alive(self, peer_id: str) -> None:
-        """Undo :meth:`mark_unreachable` (the peer answered after all)."""
+        """Undo :meth:`mark_unreachable` (the peer answered after all); it keeps a place in the view
+        when the DHT holds more records than ``max_peers`` (see :meth:`refresh`)."""
         self._unreachable.pop(peer_id, None)
+        self._answered.pop(peer_id, None)
+        self._answered[peer_id] = None
+        while len(self._answered) > self.max_peers:
+            self._answered.popitem(last=False)
 
     async def run(self, state: Callable[[], tuple[int, bytes]], ready: asyncio.Event | None = None) -> None:
         """Heartbeat until cancelled: publish ``state()`` then refresh, every ``heartbeat_s``.

@@ -35,8 +35,9 @@ from defenses import Aggregator, Layer, MergeContext, make_aggregator
 from defenses.bristle import Bristle
 from p2pnode.config import NodeConfig
 from p2pnode.errors import ConfigError, MessageRejected, P2PNodeError, PeerUnreachable, TransportClosed
-from p2pnode.identity import Identity, load_or_create_identity
+from p2pnode.identity import Identity, load_or_create_identity, require_identity_pow
 from p2pnode.outputs import MetricsWriter, write_json_atomic
+from p2pnode.peerguard import PeerGuard, guard_limits, reason_of
 from p2pnode.tasks import ShardSpec, make_task
 from p2pnode.trainer import LocalTrainer, limit_threads, resolve_device, spec_fingerprint
 from p2pnode.transport.base import Transport
@@ -213,6 +214,8 @@ class Node:
         self._seq = itertools.count(self.first_seq())
         self._push_guard = ReplayGuard()
         self._pull_guard = ReplayGuard()
+        self.guard = PeerGuard(guard_limits(config.network))  # per-peer rate limits, score and bans
+        transport.screen = self._screen  # runs on every request before its body is read
         self._max_bytes = config.network.max_message_bytes
         self._unpaused = asyncio.Event()
         self._unpaused.set()
@@ -289,7 +292,18 @@ class Node:
 
     def _reject(self, peer: str, exc: Exception) -> None:
         self.messages_rejected += 1
+        self.guard.penalize(peer, reason_of(exc))
         logger.info("rejected message from %s: %s", peer, exc)
+
+    def _screen(self, sender: str, size: int) -> str | None:
+        """The transport's check of a request from its header: refused (and counted) if ``sender`` is
+        banned, lacks the identity proof of work, or is over its request or byte rate."""
+        refused = self.guard.admit(sender, size)
+        if refused is None:
+            return None
+        self.messages_rejected += 1
+        logger.debug("refused a request of %d bytes from %s: %s", size, sender, refused)
+        return f"refused: {refused}"
 
     async def serve(self, sender: str, request: bytes) -> bytes:
         """Transport handler: keep a pushed model for the next merge and reply with ours."""
@@ -316,6 +330,8 @@ class Node:
         return reply
 
     async def _exchange_one(self, peer: MembershipRecord, own: torch.Tensor) -> torch.Tensor | None:
+        if self.guard.is_banned(peer.peer_id):
+            return None  # a view that does not know our bans (in-process swarms, tests) may offer one
         request, pending = self._seal_model(KIND_PUSH, own, peer.peer_id)
         self._inflight.add(peer.peer_id)
         try:
@@ -329,6 +345,7 @@ class Node:
         except ProtocolError as exc:
             self._reject(peer.peer_id, exc)
             return None
+        self.membership.mark_alive(peer.peer_id)  # it answered: it keeps a place in a flooded view
         if pending is not None:
             self.wire.book.settle_request(pending, received.ack or b"")  # type: ignore[union-attr]
         if received.view is None:
@@ -577,6 +594,7 @@ class NodeRuntime:
         net = cfg.network
         key_path = str(Path(net.identity).expanduser())  # noqa: ASYNC240 - no I/O, string expansion only
         identity = load_or_create_identity(Path(key_path))
+        require_identity_pow(identity, net.identity_pow_bits)
         task = make_task(cfg.task.name, cfg.task.data_dir)
         trainer = await asyncio.to_thread(_build_trainer, cfg, task)
         # On this (the main) thread, not a worker: the DHT's forked child is told to die with the thread
@@ -584,7 +602,7 @@ class NodeRuntime:
         dht = create_dht(  # blocks the loop ~1 s at start-up, before anything is served
             key_path, swarm=net.swarm, initial_peers=net.initial_peers,
             host_maddrs=net.host_maddrs, announce_maddrs=net.announce_maddrs,
-            wait_timeout=cfg.timeouts.dht * 3)
+            wait_timeout=cfg.timeouts.dht * 3, pow_bits=net.identity_pow_bits)
         transport: P2PTransport | None = None
         p2p = None
         try:
@@ -596,7 +614,8 @@ class NodeRuntime:
             membership = Membership(dht, identity, swarm=net.swarm, heartbeat_s=net.heartbeat_s,
                                     ttl_s=net.record_ttl_s, unreachable_s=net.unreachable_s,
                                     dht_timeout=cfg.timeouts.dht, rng=rng, mode=cfg.gossip.mode,
-                                    codec=cfg.gossip.codec)
+                                    codec=cfg.gossip.codec, max_peers=net.max_peers,
+                                    pow_bits=net.identity_pow_bits)
             if cfg.gossip.mode == "spsa":
                 from p2pnode.spsa_node import make_spsa_node
 
@@ -608,6 +627,7 @@ class NodeRuntime:
             else:
                 node = make_node(cfg, identity, trainer, transport, membership, aggregator,
                                  extension=build_extension(cfg, identity, trainer))
+            membership.exclude = node.guard.is_banned  # banned peers leave the view
             await asyncio.to_thread(resume_from_checkpoint, cfg, node)
             await transport.start(node.serve)
             return await self._supervise(node, visible_maddrs(dht))

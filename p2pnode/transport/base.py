@@ -28,6 +28,11 @@ A handler rejects a request by raising :class:`p2pnode.errors.MessageRejected` (
 ``exchange`` raises ``MessageRejected``. Any other exception is logged and reported the same way.
 """
 
+Screen = Callable[[str, int], str | None]
+"""Admits one incoming request before its body is read: ``(sender peer id, body length) -> None`` to
+admit it, or the reason it is refused (sent back as the rejection; the handler never sees it).
+"""
+
 
 @dataclass(slots=True)
 class TransportStats:
@@ -46,6 +51,7 @@ class Transport(ABC):
     """Request/reply exchanges with peers identified by their libp2p peer id."""
 
     stats: TransportStats
+    screen: Screen | None = None  # set by the owner (the node's PeerGuard), run on every request
 
     @property
     @abstractmethod

@@ -19,6 +19,7 @@ writes one frame back (the reply, or a rejection) and closes the stream.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from p2pnode.errors import MessageRejected
 from p2pnode.transport.base import TransportStats
@@ -105,21 +106,31 @@ async def write_frame(writer: asyncio.StreamWriter, status: int, body: bytes, *,
     await writer.drain()
 
 
+class Screened(MessageRejected):
+    """A frame's ``screen`` refused it from its header (the body was not read)."""
+
+
 async def read_frame(reader: asyncio.StreamReader, *, max_message_bytes: int, chunk_bytes: int,
-                     stats: TransportStats) -> tuple[int, bytes]:
+                     stats: TransportStats,
+                     screen: Callable[[int], str | None] | None = None) -> tuple[int, bytes]:
     """Read one frame; return ``(status, body)``. Counts bytes in ``stats.bytes_received``.
+
+    ``screen``, if given, is called with the announced body length before the body is read; a reason
+    it returns is raised as :class:`Screened`.
 
     Raises
     ------
     MessageRejected
         If the header is invalid or announces a body above ``max_message_bytes`` (nothing more is
-        read in that case).
+        read in that case); :class:`Screened` if ``screen`` refused it.
     asyncio.IncompleteReadError
         If the stream ends before the frame does.
     """
     header = await reader.readexactly(HEADER_BYTES)
     stats.bytes_received += HEADER_BYTES
     status, length = decode_header(header, max_message_bytes=max_message_bytes)
+    if screen is not None and (reason := screen(length)) is not None:
+        raise Screened(reason)
     chunks: list[bytes] = []
     remaining = length
     while remaining:

@@ -139,6 +139,9 @@ class MemoryTransport(Transport):
 
     async def _dispatch(self, sender: str, request: bytes) -> tuple[int, bytes]:
         assert self._handler is not None
+        if self.screen is not None and (refused := self.screen(sender, len(request))) is not None:
+            self.stats.rejected_in += 1
+            return STATUS_REJECTED, encode_reason(refused)
         if len(request) > self.max_message_bytes:
             self.stats.rejected_in += 1
             self.stats.frames_rejected += 1

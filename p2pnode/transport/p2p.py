@@ -16,6 +16,7 @@ import asyncio
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
@@ -27,6 +28,7 @@ from p2pnode.transport.calls import CallTracker, dispatch
 from p2pnode.transport.framing import (
     STATUS_OK,
     STATUS_REJECTED,
+    Screened,
     check_size,
     decode_reason,
     encode_reason,
@@ -250,7 +252,12 @@ class P2PTransport(Transport):
         """Read the request and run the handler; return the reply frame ``(status, body)``."""
         try:
             status, request = await read_frame(reader, max_message_bytes=self.max_message_bytes,
-                                               chunk_bytes=self.chunk_bytes, stats=self.stats)
+                                               chunk_bytes=self.chunk_bytes, stats=self.stats,
+                                               screen=self.screen and partial(self.screen, sender))
+        except Screened as exc:  # refused from the header by sender and length: the body was not read
+            self.stats.rejected_in += 1
+            logger.debug("screened out a request from %s: %s", sender, exc)
+            return STATUS_REJECTED, encode_reason(str(exc))
         except MessageRejected as exc:
             self.stats.rejected_in += 1
             self.stats.frames_rejected += 1

@@ -134,6 +134,7 @@ def add_bench(sub: Any) -> None:
 
     add_gpu_bench(which)
     add_fuzz_bench(which)
+    add_partition_bench(which)
 
     from p2pnode.bench.churn import ChurnOptions
 
@@ -251,6 +252,58 @@ def add_fuzz_bench(which: Any) -> None:
     p.add_argument("--json", type=Path, default=f.json_path, help=f"results file (default {f.json_path})")
 
 
+def add_partition_bench(which: Any) -> None:
+    """Register ``bench partition``."""
+    from p2pnode.bench.partition import PartitionOptions
+
+    o = PartitionOptions()
+    p = which.add_parser("partition", allow_abbrev=False,
+                         help="a real swarm cut into two halves and healed (network namespaces, root)",
+                         description="N `p2pnode run` processes, each in its own network namespace on a "
+                                     "private bridge, with --probe-coords: the halves are cut apart "
+                                     "(iptables DROP) when the median node finishes --cut-at and healed at "
+                                     "--heal-at. "
+                                     "Per round: mean pairwise model distance within each half, across and "
+                                     "over all pairs, each half's accuracy; rounds after the heal until the "
+                                     "distance is back at its pre-partition level. JSON and a PNG plot.")
+    for name in ("nodes", "rounds", "cut_at", "heal_at", "local_steps", "fanout", "seed", "probe_coords",
+                 "window"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(o, name),
+                       help=f"default {getattr(o, name)}")
+    p.add_argument("--task", default=o.task, help=f"task (default {o.task})")
+    p.add_argument("--node-flags", default="",
+                   help="extra `p2pnode run` flags for every node, one string "
+                        "(e.g. --node-flags='--timeout-exchange 4')")
+    p.add_argument("--out-dir", type=Path, default=o.out_dir, help=f"swarm outputs (default {o.out_dir})")
+    p.add_argument("--json", type=Path, default=o.json_path, help=f"results file (default {o.json_path})")
+    p.add_argument("--plot", type=Path, default=o.plot_path, help=f"plot (default {o.plot_path})")
+
+
+def run_partition_bench_cli(ns: argparse.Namespace) -> int:
+    import shlex
+
+    from p2pnode.bench.netns import NetnsError
+    from p2pnode.bench.partition import PartitionOptions, format_report, run_partition_bench
+
+    names = ("nodes", "rounds", "cut_at", "heal_at", "local_steps", "fanout", "seed", "probe_coords",
+             "window", "task")
+    try:
+        opts = PartitionOptions(**{n: getattr(ns, n) for n in names},
+                                node_args=tuple(shlex.split(ns.node_flags)), out_dir=ns.out_dir,
+                                json_path=ns.json, plot_path=ns.plot)
+    except ValueError as exc:
+        print(f"p2pnode bench partition: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = run_partition_bench(opts, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except NetnsError as exc:
+        print(f"p2pnode bench partition: {exc}", file=sys.stderr)
+        return 1
+    print(format_report(result))
+    print(f"results: {ns.json}, plot: {ns.plot}")
+    return 0
+
+
 def run_fuzz_bench_cli(ns: argparse.Namespace) -> int:
     from p2pnode.bench.fuzz import FuzzOptions, format_report, run_fuzz_bench
 
@@ -287,6 +340,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         return run_gpu_bench_cli(ns)
     if ns.bench == "fuzz":
         return run_fuzz_bench_cli(ns)
+    if ns.bench == "partition":
+        return run_partition_bench_cli(ns)
     if ns.bench == "robustness":
         from p2pnode.bench.robustness import RobustnessOptions, run_robustness
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from p2pnode.config import NetworkConfig
+from p2pnode.errors import ConfigError
 from p2pnode.identity import Identity, grind_identity
 from p2pnode.peerguard import (
     BANDWIDTH,
@@ -171,3 +172,12 @@ def test_bad_limits_are_refused() -> None:
         GuardLimits(rate=-1.0)
     with pytest.raises(ValueError, match="capacity"):
         GuardLimits(capacity=0)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_peers", 0), ("peer_rate", -1.0), ("peer_burst", 0.5), ("peer_mb_s", -1.0), ("ban_after", 0.0),
+    ("score_recovery_s", 0.0), ("ban_s", -1.0), ("identity_pow_bits", 33), ("identity_pow_bits", -1),
+])
+def test_bad_guard_settings_are_config_errors_naming_the_field(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"network.{field}"):
+        NetworkConfig(**{field: value})

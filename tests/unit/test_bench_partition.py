@@ -1,0 +1,96 @@
+"""The partition benchmark's arithmetic on synthetic metrics (no processes, no namespaces)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from p2pnode.bench import probes as pr
+from p2pnode.bench.netns import NetnsLab
+from p2pnode.bench.partition import PartitionOptions, analyze, plot
+
+
+def _events(rounds: int, spread: dict[int, float], cut: tuple[int, int]) -> list[dict]:
+    """Four nodes (halves {0, 1} and {2, 3}); at rounds inside ``cut`` the halves sit 1.0 apart on
+    coordinate 0, otherwise 0.1; node i is offset by spread[i] on coordinate 1."""
+    events = []
+    for rnd in range(1, rounds + 1):
+        inside = cut[0] < rnd <= cut[1]
+        for node in range(4):
+            x = (1.0 if inside else 0.1) if node >= 2 else 0.0
+            events.append({"event": "round", "node": node, "round": rnd, "probe": [x, spread[node]],
+                           "test_accuracy": 0.5 + 0.01 * rnd, "peers_in_view": 1 if inside else 3})
+    return events
+
+
+def test_distances_within_across_and_all_pairs() -> None:
+    # Prepare
+    probes = pr.probe_table(_events(3, {0: 0.0, 1: 0.3, 2: 0.0, 3: 0.4}, cut=(0, 0)))
+    # Execute
+    row = pr.distance_curve(probes, [0, 1], [2, 3])[0]
+    # Assert
+    assert row["round"] == 1
+    assert row["within_a"] == pytest.approx(0.3)
+    assert row["within_b"] == pytest.approx(0.4)
+    across = [math.hypot(0.1, 0.0), math.hypot(0.1, 0.4), math.hypot(0.1, 0.3), math.hypot(0.1, 0.1)]
+    assert row["across"] == pytest.approx(sum(across) / 4)
+    assert row["all"] == pytest.approx((0.3 + 0.4 + sum(across)) / 6)
+
+
+def test_a_round_only_one_node_reported_has_no_distance() -> None:
+    probes = {0: {1: [0.0], 2: [1.0]}, 1: {1: [0.5]}}
+    assert pr.mean_distance(probes, [(0, 1)], 1) == pytest.approx(0.5)
+    assert pr.mean_distance(probes, [(0, 1)], 2) is None
+    with pytest.raises(ValueError, match="different lengths"):
+        pr.distance([0.0], [0.0, 1.0])
+
+
+def test_level_and_rounds_to_recover() -> None:
+    curve = [{"round": r, "all": d} for r, d in enumerate([0.5, 0.2, 0.2, 0.4, 0.9, 0.8, 0.3, 0.15, 0.1], 1)]
+    assert pr.level_before(curve, 4, 2) == pytest.approx(0.2)  # rounds 2 and 3
+    assert pr.rounds_to_recover(curve, after=5, level=0.2) == 3  # round 8
+    assert pr.rounds_to_recover(curve, after=5, level=0.2, hold=2) == 3  # rounds 8 and 9
+    assert pr.rounds_to_recover(curve, after=5, level=0.05) is None
+    with pytest.raises(ValueError, match="no 'all' distance"):
+        pr.level_before(curve, 1, 3)
+
+
+def test_analyze_finds_the_partition_and_the_recovery(tmp_path: Path) -> None:
+    # Prepare: cut after round 10, healed after round 20, back together from round 23
+    events = _events(30, {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}, cut=(10, 22))
+    opts = PartitionOptions(nodes=4, rounds=30, cut_at=10, heal_at=20, window=5)
+    marks = {"cut": {"t": 0.0, "rounds": [10, 10, 9, 10], "median": 10},
+             "heal": {"t": 1.0, "rounds": [20, 21, 20, 20], "median": 20}}
+    # Execute
+    res = analyze(events, opts, marks)
+    plot(res, tmp_path / "p.png")
+    # Assert
+    assert res["pre_partition_level"] == pytest.approx(0.1 * 4 / 6)  # 4 of 6 pairs are 0.1 apart
+    assert res["rounds_to_recover"] == 3
+    assert res["rounds_made_while_cut"] == [10, 11, 11, 10]
+    assert res["peak_across_while_cut"] == pytest.approx(1.0)
+    assert res["smallest_view_while_cut"] == [1, 1, 1, 1]
+    assert res["largest_view_after_heal"] == [3, 3, 3, 3]
+    assert res["min_accuracy_while_cut"]["a"] == pytest.approx(0.5 + 0.11)
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("kw", [{"nodes": 5}, {"nodes": 2}, {"cut_at": 40}, {"heal_at": 70},
+                                {"window": 15}, {"probe_coords": 0}])
+def test_partition_options_are_checked(kw: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        PartitionOptions(**kw)
+
+
+def test_lab_names_and_addresses_need_no_root() -> None:
+    lab = NetnsLab(8, prefix="p2pntest")
+    assert lab.ns(3) == "p2pntest-3"
+    assert lab.bridge_ns == "p2pntest-br"
+    assert [lab.addr(i) for i in (0, 7)] == ["10.213.7.1", "10.213.7.8"]
+    assert lab.exec_prefix(2)[-3:] == ["netns", "exec", "p2pntest-2"]
+    with pytest.raises(ValueError, match="private"):
+        NetnsLab(2, subnet="8.8.8.0/24")
+    with pytest.raises(ValueError, match="at most 11"):
+        NetnsLab(2, prefix="a-very-long-prefix")

@@ -7,6 +7,7 @@ peer id, and a signature can be checked from the id alone.
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import base58
@@ -49,8 +50,61 @@ def pubkey_from_peer_id(peer_id: str) -> bytes:
     return raw[len(_PEER_ID_PREFIX) :]
 
 
+_P = 2**255 - 19
+_D = (-121665 * pow(121666, _P - 2, _P)) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+
+
+def _decode_point(public_key: bytes) -> tuple[int, int] | None:
+    """The affine Edwards point of a 32-byte encoding (RFC 8032 §5.1.3), or None if it encodes none."""
+    y = int.from_bytes(public_key, "little") & ((1 << 255) - 1)
+    sign = public_key[31] >> 7
+    if y >= _P:
+        return None
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
+    x = (u * pow(v, 3, _P) * pow(u * pow(v, 7, _P), (_P - 5) // 8, _P)) % _P
+    if (v * x * x - u) % _P != 0:
+        x = (x * _SQRT_M1) % _P
+        if (v * x * x - u) % _P != 0:
+            return None
+    if x == 0 and sign:
+        return None
+    if x & 1 != sign:
+        x = _P - x
+    return x, y
+
+
+def _double(x: int, y: int, z: int) -> tuple[int, int, int]:
+    """Projective doubling on -x² + y² = 1 + d·x²y² (no inversion; "dbl-2008-bbjlp")."""
+    b, c, d = (x + y) ** 2 % _P, x * x % _P, y * y % _P
+    f = (d - c) % _P
+    j = (f - 2 * z * z) % _P
+    return (b - c - d) * j % _P, f * (-c - d) % _P, f * j % _P
+
+
+@functools.lru_cache(maxsize=4096)
+def is_weak_key(public_key: bytes) -> bool:
+    """True for a key that is no point or a point of small order (8·P = 0).
+
+    With such a key, some signatures verify for every message (the all-zero key with the all-zero
+    signature does), so it must never be accepted as anyone's identity.
+    """
+    point = _decode_point(public_key)
+    if point is None:
+        return True
+    x, y, z = point[0], point[1], 1
+    for _ in range(3):
+        x, y, z = _double(x, y, z)
+    return x == 0 and y == z  # the neutral element (0 : Z : Z)
+
+
 def verify_raw(public_key: bytes, message: bytes, signature: bytes) -> bool:
-    """True iff ``signature`` is a valid Ed25519 signature of ``message`` by the raw 32-byte key."""
+    """True iff ``signature`` is a valid Ed25519 signature of ``message`` by the raw 32-byte key.
+
+    Keys of small order are refused whatever the signature (see :func:`is_weak_key`).
+    """
+    if len(public_key) != 32 or is_weak_key(bytes(public_key)):
+        return False
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
     except (InvalidSignature, ValueError):
@@ -61,8 +115,6 @@ def verify_raw(public_key: bytes, message: bytes, signature: bytes) -> bool:
 def verify(peer_id: str, message: bytes, signature: bytes) -> bool:
     """True iff ``signature`` is a valid Ed25519 signature of ``message`` by ``peer_id``."""
     try:
-        key = Ed25519PublicKey.from_public_bytes(pubkey_from_peer_id(peer_id))
-        key.verify(signature, message)
-    except (InvalidSignature, ProtocolError, ValueError):
+        return verify_raw(pubkey_from_peer_id(peer_id), message, signature)
+    except ProtocolError:
         return False
-    return True

@@ -129,10 +129,11 @@ def analyze(events: Sequence[dict[str, Any]], opts: PartitionOptions,
 
 def _views(events: Sequence[dict[str, Any]], nodes: int, cut: Sequence[int],
            heal: Sequence[int]) -> dict[str, list[int | None]]:
-    """Per node: the smallest view (peers_in_view) from the cut to the heal, the largest after the heal."""
+    """Per node, its view (peers_in_view): the smallest from the cut to the heal, the one at its last round
+    before the heal, and the largest after the heal."""
     while_cut: list[list[int]] = [[] for _ in range(nodes)]
     after: list[list[int]] = [[] for _ in range(nodes)]
-    for ev in events:
+    for ev in sorted(events, key=lambda e: (e.get("node", 0), e.get("round", 0))):
         if ev.get("event") != "round" or not isinstance(ev.get("peers_in_view"), int):
             continue
         i, rnd = int(ev["node"]), int(ev["round"])
@@ -141,6 +142,7 @@ def _views(events: Sequence[dict[str, Any]], nodes: int, cut: Sequence[int],
         elif rnd > heal[i]:
             after[i].append(ev["peers_in_view"])
     return {"smallest_view_while_cut": [min(v, default=None) for v in while_cut],
+            "view_before_heal": [v[-1] if v else None for v in while_cut],
             "largest_view_after_heal": [max(v, default=None) for v in after]}
 
 
@@ -204,8 +206,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         top.plot(rounds, [r[key] for r in curve], label=label, color=color, lw=1.6 if key == "all" else 1.1)
     top.axhline(result["pre_partition_level"], color="gray", ls=":", label="pre-partition level")
     top.set_ylabel("mean pairwise L2 distance\n(probe coordinates)")
+    back = result["rounds_to_recover"]
+    last = curve[-1]["round"] - result["heal"]["median"] if curve else 0
     top.set_title(f"partition {len(result['halves']['a'])}+{len(result['halves']['b'])}: "
-                  f"back at the level {result['rounds_to_recover']} rounds after the heal")
+                  + (f"back at the level {back} rounds after the heal" if back is not None
+                     else f"not back at the level in the {last} rounds after the heal"), pad=16)
     acc = result["accuracy"]
     for key, color in (("a", "tab:blue"), ("b", "tab:green")):
         bottom.plot([r["round"] for r in acc], [r[key] for r in acc], color=color,
@@ -216,8 +221,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.axvline(result["cut"]["median"], color="tab:red", ls="--", lw=1)
         ax.axvline(result["heal"]["median"], color="tab:purple", ls="--", lw=1)
         ax.grid(alpha=0.3)
-    top.text(result["cut"]["median"], top.get_ylim()[1], " cut", va="top", color="tab:red")
-    top.text(result["heal"]["median"], top.get_ylim()[1], " heal", va="top", color="tab:purple")
+    for key, color in (("cut", "tab:red"), ("heal", "tab:purple")):
+        top.text(result[key]["median"], 1.01, key, ha="center", va="bottom", color=color,
+                 transform=top.get_xaxis_transform())
     top.legend(fontsize=8, loc="upper left")
     bottom.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -231,8 +237,8 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join([
         f"cut at rounds {result['cut']['rounds']}, healed at rounds {result['heal']['rounds']}",
         f"rounds made while cut off, per node: {result['rounds_made_while_cut']}",
-        f"peers in view: smallest while cut {result['smallest_view_while_cut']}, largest after the heal "
-        f"{result['largest_view_after_heal']}",
+        f"peers in view: smallest while cut {result['smallest_view_while_cut']}, just before the heal "
+        f"{result['view_before_heal']}, largest after the heal {result['largest_view_after_heal']}",
         f"pre-partition level (mean all-pairs distance): {result['pre_partition_level']:.4f}; "
         f"peak across-halves distance while cut: {result['peak_across_while_cut']}",
         f"rounds after the heal until back at the level: {result['rounds_to_recover']}",

@@ -72,6 +72,7 @@ def test_analyze_finds_the_partition_and_the_recovery(tmp_path: Path) -> None:
     assert res["rounds_made_while_cut"] == [10, 11, 11, 10]
     assert res["peak_across_while_cut"] == pytest.approx(1.0)
     assert res["smallest_view_while_cut"] == [1, 1, 1, 1]
+    assert res["view_before_heal"] == [1, 1, 1, 1]
     assert res["largest_view_after_heal"] == [3, 3, 3, 3]
     assert res["min_accuracy_while_cut"]["a"] == pytest.approx(0.5 + 0.11)
     assert (tmp_path / "p.png").stat().st_size > 10_000

@@ -9,6 +9,7 @@ library only), so the test needs no docker CLI.
 
 from __future__ import annotations
 
+import calendar
 import importlib.util
 import io
 import json
@@ -43,6 +44,7 @@ DOCKER_HOST = f"unix://{SOCKET}"
 BASE_IMAGE = "p2pnode-base:bookworm"
 NODE_IMAGE = "p2pnode:latest"
 BROKER_IMAGE = "p2pnode-broker:latest"
+DEPS_IMAGE = "p2pnode-deps:cache"  # the dependency stage of compose/Dockerfile, tagged to keep it
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 
@@ -123,6 +125,16 @@ def _links() -> set[str]:
     return {p.name for p in Path("/sys/class/net").iterdir()}
 
 
+def _our_mounts() -> list[str]:
+    """Mount points under our dockerd's data and exec roots (dockerd leaves netns/default mounted)."""
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if any(point == str(root) or point.startswith(f"{root}/") for root in (DATA_ROOT, EXEC_ROOT)):
+            points.append(point)
+    return points
+
+
 @dataclass
 class HostNetworkState:
     """What dockerd changes on the host, taken before it starts and put back after it stopped."""
@@ -130,6 +142,7 @@ class HostNetworkState:
     iptables: dict[str, str | None] = field(default_factory=dict)  # tool family -> save output
     sysctls: dict[str, str] = field(default_factory=dict)
     links: set[str] = field(default_factory=set)
+    mounts: list[str] = field(default_factory=list)
 
     SYSCTLS = ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding",
                "/proc/sys/net/bridge/bridge-nf-call-iptables",
@@ -144,11 +157,15 @@ class HostNetworkState:
             if Path(path).exists():
                 state.sysctls[path] = Path(path).read_text().strip()
         state.links = _links()
+        state.mounts = _our_mounts()
         return state
 
     def restore(self) -> list[str]:
         """Put everything back; returns what was done (for the log)."""
         done = []
+        for point in sorted(set(_our_mounts()) - set(self.mounts), key=len, reverse=True):
+            if subprocess.run(["umount", point], capture_output=True, timeout=30).returncode == 0:
+                done.append(f"unmounted {point}")
         for name in sorted(_links() - self.links):
             # Only what dockerd makes: its default bridge and user-defined network bridges.
             if name == "docker0" or re.fullmatch(r"br-[0-9a-f]{12}", name):
@@ -331,13 +348,17 @@ def build_context(root: Path, dockerignore: Path, dockerfile: str, out: Path) ->
 
 
 def build_image(engine: Any, tag: str, root: Path, dockerfile: str, dockerignore: Path, workdir: Path,
-                buildargs: dict[str, str]) -> str:
-    """Build through the Engine API (legacy builder, host network for apt); returns the build output."""
+                buildargs: dict[str, str], target: str | None = None) -> str:
+    """Build through the Engine API (legacy builder, host network for apt); returns the build output.
+
+    ``target`` builds (and tags) one stage only: tagged, the dependency stage is not a dangling image,
+    so :func:`prune_dangling` keeps it as the cache of the next build.
+    """
     context = build_context(root, dockerignore, dockerfile, workdir / f"{tag.replace(':', '_')}.tar")
     output: list[str] = []
     with open(context, "rb") as body:
         query = {"t": tag, "dockerfile": dockerfile, "buildargs": json.dumps(buildargs),
-                 "networkmode": "host", "rm": "1", "forcerm": "1"}
+                 "networkmode": "host", "rm": "1", "forcerm": "1", "target": target}
         headers = {"Content-Type": "application/x-tar", "Content-Length": str(context.stat().st_size)}
         for message in engine.stream("POST", "/build", query, body=body, headers=headers, timeout=1200):
             if "stream" in message:
@@ -350,6 +371,13 @@ def build_image(engine: Any, tag: str, root: Path, dockerfile: str, dockerignore
     if not image_exists(engine, tag):
         raise RuntimeError(f"building {tag} left no image:\n{''.join(output)[-4000:]}")
     return "".join(output)
+
+
+def prune_dangling(engine: Any) -> int:
+    """Remove untagged images nothing builds on (images replaced by this run's builds); bytes freed."""
+    filters = json.dumps({"dangling": ["true"]})
+    answer = engine.call("POST", "/images/prune", {"filters": filters}, timeout=300)
+    return int((answer or {}).get("SpaceReclaimed") or 0)
 
 
 # -- compose ---------------------------------------------------------------------------------------------
@@ -371,15 +399,22 @@ class Compose:
         return output
 
 
-def read_file(engine: Any, container: str, path: str) -> bytes:
-    """One file out of a container (the archive endpoint: a tar of it)."""
+def read_file(engine: Any, container: str, path: str) -> tuple[bytes, float]:
+    """One file out of a container and its mtime (the archive endpoint: a tar of it)."""
     data = engine.request("GET", f"/containers/{container}/archive", {"path": path})
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         member = tar.next()
         assert member is not None
         handle = tar.extractfile(member)
         assert handle is not None
-        return handle.read()
+        return handle.read(), float(member.mtime)
+
+
+def started_at(engine: Any, container: str) -> float:
+    """When the container was last started, as a UNIX time (Docker gives RFC 3339 with nanoseconds)."""
+    stamp = engine.inspect(container)["State"]["StartedAt"]
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float(f"0.{fraction or 0}")
 
 
 def container_logs(engine: Any, container: str, tail: int = 40) -> str:

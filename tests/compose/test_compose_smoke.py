@@ -34,6 +34,7 @@ from compose_harness import (
     BASE_IMAGE,
     BROKER_IMAGE,
     COMPOSE_DIR,
+    DEPS_IMAGE,
     NODE_IMAGE,
     REPO,
     SOCKET,
@@ -49,7 +50,9 @@ from compose_harness import (
     log,
     make_base_image,
     missing_requirements,
+    prune_dangling,
     read_file,
+    started_at,
     wait_until,
 )
 
@@ -58,10 +61,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PROJECT = "p2pnode-smoke"
 SWARM = "compose"
 SCALED_NODES = 3  # plus the bootstrap node: 4 nodes
-# Telemetry twice a second, so that the first accuracy reported is an early one. A 6 s exchange
-# deadline (default 30 s): a survivor that picked the frozen node waits that long for it, and the
-# 12 s observation windows below see it make rounds on both sides of such a wait.
-NODE_ARGS = "--telemetry-interval 0.5 --timeout-exchange 6"
+# At the default learning rate a digits swarm is near its final accuracy (~0.96) within a few rounds,
+# well under a second: too fast to see in telemetry, and a node whose first reported value is already
+# the plateau might never report a higher one. At lr 0.002 learning takes tens of rounds (seconds),
+# and telemetry 4 times a second reports an early value first. A 6 s exchange deadline (default 30 s):
+# a survivor that picked the frozen node waits that long for it, and the 12 s observation windows
+# below see it make rounds on both sides of such a wait.
+NODE_ARGS = "--lr 0.002 --telemetry-interval 0.25 --timeout-exchange 6"
 WINDOW_S = 12.0
 MIN_ACCURACY = 0.85
 
@@ -156,13 +162,18 @@ def test_compose_swarm_learns_and_survives_kill_and_pause(docker: DockerDaemon, 
     args = {"BASE_IMAGE": BASE_IMAGE}
     build_image(engine, BROKER_IMAGE, COMPOSE_DIR, "broker.Dockerfile",
                 COMPOSE_DIR / "broker.Dockerfile.dockerignore", tmp_path, args)
-    build_image(engine, NODE_IMAGE, REPO, "compose/Dockerfile", COMPOSE_DIR / "Dockerfile.dockerignore",
-                tmp_path, args)
+    for tag, target in ((DEPS_IMAGE, "deps"), (NODE_IMAGE, None)):
+        build_image(engine, tag, REPO, "compose/Dockerfile", COMPOSE_DIR / "Dockerfile.dockerignore",
+                    tmp_path, args, target=target)
+    log(f"pruned {prune_dangling(engine) / 1e6:.0f} MB of replaced images")
     mark = phase("images_s", mark)
 
     port = free_port()
+    # Every node waits for the 3 others before its first round: no node trains (and takes the CPU) while
+    # the others still start, and every node's first accuracy is that of a model trained one round.
     settings = {"P2PNODE_MQTT_PORT": str(port), "BASE_IMAGE": BASE_IMAGE, "P2PNODE_SWARM": SWARM,
-                "P2PNODE_ARGS": NODE_ARGS, "DOCKER_SOCKET": str(SOCKET)}
+                "P2PNODE_ARGS": NODE_ARGS, "P2PNODE_WAIT_PEERS": str(SCALED_NODES),
+                "DOCKER_SOCKET": str(SOCKET)}
     compose = Compose(PROJECT, settings)
     project = [f"com.docker.compose.project={PROJECT}"]
     telemetry: Telemetry | None = None
@@ -186,8 +197,12 @@ def test_compose_swarm_learns_and_survives_kill_and_pause(docker: DockerDaemon, 
                        key=lambda c: c["Names"][0])
         (bootstrap,) = engine.containers([*project, "com.docker.compose.service=bootstrap"])
         assert len(nodes) == SCALED_NODES
-        peer_of = {c["Id"]: json.loads(read_file(engine, c["Id"], "/data/ready.json"))["peer_id"]
-                   for c in [*nodes, bootstrap]}
+        peer_of = {}
+        for c in [bootstrap, *nodes]:
+            ready, joined = read_file(engine, c["Id"], "/data/ready.json")
+            peer_of[c["Id"]] = json.loads(ready)["peer_id"]
+            log(f"{c['Names'][0]} is {peer_of[c['Id']]}, joined {joined - started_at(engine, c['Id']):.1f} s "
+                "after its container started")
         samples, _ = telemetry.snapshot()
         assert set(peer_of.values()) == set(samples), "telemetry peers are not the compose containers"
 

@@ -6,11 +6,12 @@ of its own (hivemind P2P, each with its own key, as :class:`~p2pnode.transport.p
 them) and sends ``--messages`` messages to the target's exchange handler, each lane one at a time
 with a deadline, the lanes concurrently (see :mod:`p2pnode.bench.fuzz_messages` for what they send).
 
-Checked afterwards (:func:`check`): the target never died or restarted; its metrics show rounds
+Checked afterwards (:func:`summarize`): the target never died or restarted; its metrics show rounds
 during the whole fuzzing, with no gap longer than ``3 × heartbeat_s``; every message built to be
 rejected was refused with a typed rejection and every valid one answered with the target's model;
 ``messages_rejected`` in its metrics grew by exactly the number of refusals; no send ran into its
-deadline (a hang); its log holds no traceback, unhandled exception or "internal error".
+deadline (a hang); its log holds no traceback, unhandled exception or "internal error", and none of
+its own exchanges with the honest peer was cut off ("unreachable: stream closed").
 """
 
 from __future__ import annotations
@@ -217,12 +218,13 @@ def summarize(opts: FuzzOptions, lanes: list[LaneResult], before: list[dict[str,
     consecutive = numbers == list(range(numbers[0], numbers[0] + len(numbers))) if numbers else False
     restarted = log.count(" joined swarm ") != 1 or not consecutive
     log_errors = [line for line in log.splitlines() if LOG_ERRORS.search(line)]
+    cut = log.count("unreachable: stream closed")  # the target's own exchanges with its honest peer
     wall = ended - started
     figures = {
         "messages": sum(outcomes.values()), "expected_reject": expected["reject"],
         "valid": expected[ACCEPT], "rejected": outcomes["rejected"], "answered": outcomes["ok"],
         "crashes": int(not alive or restarted) + outcomes["internal"], "hangs": outcomes["timeout"],
-        "dropped": outcomes["dropped"], "bad_replies": outcomes["bad-reply"],
+        "dropped": outcomes["dropped"], "bad_replies": outcomes["bad-reply"], "peer_exchanges_cut": cut,
         "messages_rejected_counted": counted, "largest_round_gap_s": round(gap, 3),
         "rounds_during_fuzzing": rounds_during, "msgs_per_s": round(sum(outcomes.values()) / wall, 1),
         "wall_time_s": round(wall, 1), "max_latency_s": round(max(lane.max_latency_s for lane in lanes), 3),
@@ -236,6 +238,7 @@ def summarize(opts: FuzzOptions, lanes: list[LaneResult], before: list[dict[str,
         "every_message_as_expected": not mismatches and figures["messages"] == opts.messages,
         "every_rejection_counted": counted == outcomes["rejected"],
         "kept_training": rounds_during > 0 and gap <= 3 * opts.heartbeat_s,
+        "peer_exchanges_intact": cut == 0,
         "clean_exit": exit_code == 0,
     }
     return {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},

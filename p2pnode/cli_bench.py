@@ -271,6 +271,8 @@ def add_partition_bench(which: Any) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(o, name),
                        help=f"default {getattr(o, name)}")
     p.add_argument("--task", default=o.task, help=f"task (default {o.task})")
+    p.add_argument("--max-cut-s", type=float, default=None,
+                   help="heal after this many seconds of partition if --heal-at has not come yet")
     p.add_argument("--node-flags", default="",
                    help="extra `p2pnode run` flags for every node, one string "
                         "(e.g. --node-flags='--timeout-exchange 4')")
@@ -286,7 +288,7 @@ def run_partition_bench_cli(ns: argparse.Namespace) -> int:
     from p2pnode.bench.partition import PartitionOptions, format_report, run_partition_bench
 
     names = ("nodes", "rounds", "cut_at", "heal_at", "local_steps", "fanout", "seed", "probe_coords",
-             "window", "task")
+             "window", "task", "max_cut_s")
     try:
         opts = PartitionOptions(**{n: getattr(ns, n) for n in names},
                                 node_args=tuple(shlex.split(ns.node_flags)), out_dir=ns.out_dir,

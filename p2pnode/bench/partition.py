@@ -3,7 +3,8 @@
 N node processes (``p2pnode run``, libp2p transport, DHT membership), each in its own network namespace
 on a private bridge (:mod:`p2pnode.bench.netns`), every node started with ``--probe-coords``. When the
 median node finishes round ``cut_at``, every packet between the first and the second half is dropped
-(iptables, both directions); when the median node finishes round ``heal_at``, the rules are removed.
+(iptables, both directions); when the median node finishes round ``heal_at`` (or, with ``max_cut_s``,
+once the partition has lasted that long), the rules are removed.
 The nodes are never told: they find out through timeouts and expiring membership records.
 
 Reported per round (:mod:`p2pnode.bench.probes`): the mean pairwise probe distance within each half,
@@ -40,6 +41,7 @@ class PartitionOptions:
     rounds: int = 60
     cut_at: int = 15  # partition once the median node has finished this round
     heal_at: int = 35  # heal once the median node has finished this round
+    max_cut_s: float | None = None  # heal after this many seconds of partition even before heal_at
     task: str = "fashion-mnist"
     local_steps: int = 20
     fanout: int = 2
@@ -58,6 +60,8 @@ class PartitionOptions:
         if not 1 <= self.window < self.cut_at < self.heal_at < self.rounds:
             raise ValueError(f"need 1 <= window ({self.window}) < cut_at ({self.cut_at}) < heal_at "
                              f"({self.heal_at}) < rounds ({self.rounds})")
+        if self.max_cut_s is not None and not self.max_cut_s > 0:
+            raise ValueError(f"max_cut_s must be > 0 seconds, got {self.max_cut_s}")
         if not 1 <= self.probe_coords <= 4096:
             raise ValueError(f"probe_coords must be 1 … 4096, got {self.probe_coords}")
 
@@ -72,9 +76,15 @@ def _mark(swarm: Swarm) -> dict[str, Any]:
     return {"t": time.time(), "rounds": rounds, "median": statistics.median_low(rounds)}
 
 
+def _cut_for(marks: dict[str, Any], opts: PartitionOptions) -> bool:
+    """The partition has lasted ``max_cut_s`` (when set)."""
+    return opts.max_cut_s is not None and time.time() - marks["cut"]["t"] >= opts.max_cut_s
+
+
 def drive(swarm: Swarm, lab: NetnsLab, opts: PartitionOptions, *, timeout_s: float,
           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Cut at ``cut_at`` and heal at ``heal_at`` (median round) while the swarm runs; return the marks.
+    """Cut at ``cut_at`` and heal at ``heal_at`` (median round; or after ``max_cut_s`` seconds of
+    partition when that comes first) while the swarm runs; return the marks.
 
     Returns ``{"cut": mark, "heal": mark}``, each ``{"t": unix time, "rounds": [round per node],
     "median": …}`` taken just before the fault change; a mark is missing if the swarm ended first.
@@ -92,7 +102,7 @@ def drive(swarm: Swarm, lab: NetnsLab, opts: PartitionOptions, *, timeout_s: flo
             lab.partition(group_a, group_b)
             if progress:
                 progress(f"cut at rounds {marks['cut']['rounds']}")
-        elif "cut" in marks and "heal" not in marks and median >= opts.heal_at:
+        elif "cut" in marks and "heal" not in marks and (median >= opts.heal_at or _cut_for(marks, opts)):
             marks["heal"] = _mark(swarm)
             lab.heal()
             if progress:
@@ -116,6 +126,7 @@ def analyze(events: Sequence[dict[str, Any]], opts: PartitionOptions,
     acc_during = [row for row in accuracy if max(cut["rounds"]) < row["round"] <= min(heal["rounds"])]
     return {
         "halves": {"a": group_a, "b": group_b}, "cut": cut, "heal": heal,
+        "cut_s": round(heal["t"] - cut["t"], 1),
         "pre_partition_level": level,
         "rounds_to_recover": recover,
         "rounds_made_while_cut": [h - c for h, c in zip(heal["rounds"], cut["rounds"])],
@@ -235,7 +246,8 @@ def format_report(result: dict[str, Any]) -> str:
     """A few lines: the level, the recovery, rounds made while cut off, accuracies."""
     mwc = result["min_accuracy_while_cut"]
     return "\n".join([
-        f"cut at rounds {result['cut']['rounds']}, healed at rounds {result['heal']['rounds']}",
+        f"cut at rounds {result['cut']['rounds']}, healed at rounds {result['heal']['rounds']} "
+        f"({result['cut_s']} s later)",
         f"rounds made while cut off, per node: {result['rounds_made_while_cut']}",
         f"peers in view: smallest while cut {result['smallest_view_while_cut']}, just before the heal "
         f"{result['view_before_heal']}, largest after the heal {result['largest_view_after_heal']}",

@@ -69,6 +69,7 @@ def test_analyze_finds_the_partition_and_the_recovery(tmp_path: Path) -> None:
     # Assert
     assert res["pre_partition_level"] == pytest.approx(0.1 * 4 / 6)  # 4 of 6 pairs are 0.1 apart
     assert res["rounds_to_recover"] == 3
+    assert res["cut_s"] == 1.0
     assert res["rounds_made_while_cut"] == [10, 11, 11, 10]
     assert res["peak_across_while_cut"] == pytest.approx(1.0)
     assert res["smallest_view_while_cut"] == [1, 1, 1, 1]
@@ -79,7 +80,7 @@ def test_analyze_finds_the_partition_and_the_recovery(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kw", [{"nodes": 5}, {"nodes": 2}, {"cut_at": 40}, {"heal_at": 70},
-                                {"window": 15}, {"probe_coords": 0}])
+                                {"window": 15}, {"probe_coords": 0}, {"max_cut_s": 0.0}])
 def test_partition_options_are_checked(kw: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kw))):
         PartitionOptions(**kw)

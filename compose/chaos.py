@@ -5,11 +5,11 @@ It talks to the Docker Engine API over its unix socket with the standard library
 no docker CLI, no third-party package), so it runs in the p2pnode image itself (compose's ``chaos``
 profile mounts the socket) or on the host::
 
-    python3 compose/chaos.py --project compose --interval 20 --down 10
+    python3 compose/chaos.py --project p2pnode --interval 20 --down 10
 
-Every ``--interval`` seconds it picks one running, unpaused container of the compose project's
-``--service`` (default ``node``: the bootstrap node, the broker and attackers are left alone) and one
-of ``--actions``:
+After ``--start-delay`` seconds, then every ``--interval`` seconds, it picks one running, unpaused
+container of the compose project's ``--service`` (default ``node``: the bootstrap node, the broker and
+attackers are left alone) and one of ``--actions``:
 
     kill        SIGKILL the container (a crash); after ``--down`` seconds start it again (same volume:
                 same key, and it resumes from its checkpoint)
@@ -246,12 +246,13 @@ def targets(engine: DockerEngine, project: str, services: list[str]) -> list[dic
 
 
 def run(engine: DockerEngine, project: str, services: list[str], actions: list[str], interval: float,
-        down: float, count: int, rng: random.Random, stop: threading.Event) -> int:
+        down: float, count: int, rng: random.Random, stop: threading.Event, start_delay: float = 0.0) -> int:
     """Inject faults until ``stop`` is set or ``count`` were made (0: no limit); returns how many."""
-    done = 0
-    logger.info("project %s, services %s, actions %s, a fault every %gs held %gs", project,
-                ",".join(services), ",".join(actions), interval, down)
-    while not stop.wait(interval):
+    done, wait = 0, start_delay
+    logger.info("project %s, services %s, actions %s, a fault every %gs held %gs, the first after %gs",
+                project, ",".join(services), ",".join(actions), interval, down, start_delay)
+    while not stop.wait(wait):
+        wait = interval
         candidates = targets(engine, project, services)
         if not candidates:
             logger.info("no running container of %s in project %s; waiting", ",".join(services), project)
@@ -285,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between two faults (default %(default)s)")
     parser.add_argument("--down", type=float, default=float(os.environ.get("CHAOS_DOWN_S", "15")),
                         help="seconds a fault lasts before it is undone (default %(default)s)")
+    parser.add_argument("--start-delay", type=float,
+                        default=float(os.environ.get("CHAOS_START_DELAY_S", "60")),
+                        help="seconds before the first fault, for the swarm to form (default %(default)s)")
     parser.add_argument("--count", type=int, default=int(os.environ.get("CHAOS_COUNT", "0")),
                         help="stop after this many faults (default 0: run until stopped)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
@@ -295,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(actions) - set(ACTIONS))
     if not actions or unknown:
         parser.error(f"--actions: unknown {unknown} (choose from {','.join(ACTIONS)})")
-    if args.interval <= 0 or args.down < 0 or args.count < 0:
-        parser.error("--interval must be > 0, --down and --count >= 0")
+    if args.interval <= 0 or args.down < 0 or args.count < 0 or args.start_delay < 0:
+        parser.error("--interval must be > 0, --down, --count and --start-delay >= 0")
     engine = DockerEngine(args.socket)
     if not engine.ping():
         logger.error("no Docker Engine API at %s (mount the socket: see compose/README.md)", args.socket)
@@ -309,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     done = run(engine, project, args.services or ["node"], actions, args.interval, args.down, args.count,
-               random.Random(args.seed), stop)
+               random.Random(args.seed), stop, args.start_delay)
     logger.info("stopped after %d fault(s)", done)
     return 0
 

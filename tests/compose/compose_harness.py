@@ -60,6 +60,7 @@ def _load_chaos() -> Any:
 chaos = _load_chaos()
 DockerEngine = chaos.DockerEngine
 DockerError = chaos.DockerError
+Fault = chaos.Fault
 
 
 def log(message: str) -> None:
@@ -417,9 +418,9 @@ def started_at(engine: Any, container: str) -> float:
     return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float(f"0.{fraction or 0}")
 
 
-def container_logs(engine: Any, container: str, tail: int = 40) -> str:
+def container_logs(engine: Any, container: str, tail: int | str = 40, since: float = 0) -> str:
     """The last lines of a container's output (the multiplexed log stream, frame headers removed)."""
-    query = {"stdout": "1", "stderr": "1", "tail": str(tail)}
+    query = {"stdout": "1", "stderr": "1", "tail": str(tail), "since": str(int(since))}
     data = engine.request("GET", f"/containers/{container}/logs", query)
     out, i = [], 0
     while i + 8 <= len(data):

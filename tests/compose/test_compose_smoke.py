@@ -24,6 +24,7 @@ The duration of each phase is printed, recorded as junit properties and shown in
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,7 @@ from compose_harness import (
     SOCKET,
     Compose,
     DockerDaemon,
+    Fault,
     HostNetworkState,
     Telemetry,
     build_image,
@@ -238,6 +240,48 @@ def test_compose_swarm_learns_and_survives_kill_and_pause(docker: DockerDaemon, 
                    lambda: tm.latest_round(thawed) > before + 2 and _latest_status(tm, thawed) == "online",
                    90, describe=lambda: _describe(tm) + "\n" + _logs(engine, [frozen]))
         mark = phase("unpause_s", mark)
+
+        # The killed container started again: same key (same peer id) and its checkpoint, both in its
+        # volume; it resumes at the checkpointed round and makes rounds from there.
+        restarted = time.time() - 1
+        engine.start(killed["Id"])
+        revived = peer_of[killed["Id"]]
+
+        def resumed_at() -> int | None:
+            text = container_logs(engine, killed["Id"], tail="all", since=restarted)
+            found = re.search(r"resumed from /data/checkpoints at round (\d+)", text)
+            return int(found.group(1)) if found else None
+
+        wait_until("the restarted node to resume from its checkpoint and make rounds under the same peer id",
+                   lambda: (resumed_at() or 0) > 0 and _latest_status(tm, revived) == "online"
+                   and tm.latest_round(revived) > (resumed_at() or 0) + 2,
+                   120, describe=lambda: _describe(tm) + "\n" + _logs(engine, [killed]))
+        log(f"{killed['Names'][0]} resumed at round {resumed_at()}")
+        mark = phase("restart_s", mark)
+
+        # A partition: the surviving node is taken off the network for 8 s and put back with the same
+        # address (compose/chaos.py's fault, as the chaos profile does it); it must exchange again.
+        def addresses() -> dict[str, str]:
+            networks = engine.inspect(alive["Id"])["NetworkSettings"]["Networks"]
+            return {name: endpoint["IPAddress"] for name, endpoint in networks.items()}
+
+        cut, before_cut = Fault(engine, "disconnect", alive), addresses()
+        cut.apply()
+        assert addresses() == {}, "the node is still on a network"
+        time.sleep(8)
+        cut.undo()
+        assert addresses() == before_cut, "the node came back with another address"
+        healed, since = peer_of[alive["Id"]], time.monotonic()
+
+        def exchanging_again() -> bool:
+            samples, _ = tm.snapshot()
+            later = [x for x in samples.get(healed, []) if x.at > since]
+            return (len(later) >= 2 and later[-1].round > later[0].round
+                    and later[-1].bytes_received > later[0].bytes_received)
+
+        wait_until("the reconnected node to receive models again", exchanging_again, 90,
+                   describe=lambda: _describe(tm) + "\n" + _logs(engine, [alive]))
+        mark = phase("partition_s", mark)
     finally:
         for container in paused:
             try:

@@ -43,6 +43,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from p2pnode.errors import ConfigError, IdentityError, P2PNodeError, PeerUnreachable
 from p2pnode.identity import Identity
+from p2pnode.rejoin import Rejoiner, ping_in_dht
 from protocols.errors import ProtocolError
 from protocols.pow import peer_id_has_pow
 from protocols.records import MAX_NAME_CHARS, MAX_RECORD_BYTES, MembershipRecord, pack_record, unpack_record
@@ -328,6 +329,7 @@ class Membership:
         self._unreachable: OrderedDict[str, float] = OrderedDict()  # peer id -> monotonic mark time
         self._answered: OrderedDict[str, None] = OrderedDict()  # peers that answered us, LRU
         self._maddrs: tuple[str, ...] | None = None
+        self.rejoiner = Rejoiner(max_peers=max_peers, rng=random.Random(f"rejoin/{identity.peer_id}"))
 
     async def publish(self, *, round: int, model_fingerprint: bytes) -> None:
         """Store this node's signed record with expiration ``now + ttl_s``; MembershipError on failure."""
@@ -478,7 +480,7 @@ class Membership:
             self._answered.popitem(last=False)
 
     async def run(self, state: Callable[[], tuple[int, bytes]], ready: asyncio.Event | None = None) -> None:
-        """Heartbeat until cancelled: publish ``state()`` then refresh, every ``heartbeat_s``.
+        """Heartbeat until cancelled: publish ``state()``, refresh, and :meth:`rejoin`, every ``heartbeat_s``.
 
         DHT failures are logged and retried on the next beat; ``ready`` is set after the first
         successful publish.
@@ -492,8 +494,23 @@ class Membership:
             if published and ready is not None:
                 ready.set()
             await self._logged(self.refresh(), "refresh")
+            await self._logged(self.rejoin(), "rejoin")
             next_beat = max(next_beat + self.heartbeat_s, loop.time())
             await asyncio.sleep(next_beat - loop.time())
+
+    async def rejoin(self) -> list[str]:
+        """Ping, through the DHT, peers that left the view lately (see :mod:`p2pnode.rejoin`; banned ones
+        excepted): after a healed partition this merges the sides' routing tables again. Returns the peers
+        that answered."""
+        peers = [p for p in self.rejoiner.due(rec.peer_id for rec in self._live) if not self._excluded(p)]
+        if not peers:
+            return []
+        future = self.dht.run_coroutine(partial(ping_in_dht, peers=peers), return_future=True)
+        # a ping across a live link takes milliseconds; never hold the next heartbeat past the record's ttl
+        limit_s = min(self.dht_timeout, max(1.0, self.ttl_s - 2 * self.heartbeat_s))
+        answered: list[str] = await _await_mp(future, limit_s, "ping")
+        self.rejoiner.note_answered(answered, len(peers))
+        return answered
 
     @staticmethod
     async def _logged(step: Awaitable[T], what: str) -> bool:

@@ -61,12 +61,18 @@ def distance_curve(probes: Probes, group_a: Sequence[int], group_b: Sequence[int
             for r in rounds]
 
 
-def level_before(curve: Sequence[Mapping[str, Any]], before: int, window: int, key: str = "all") -> float:
-    """Mean of ``key`` over the ``window`` rounds just before round ``before`` (ValueError if none)."""
+def window_before(curve: Sequence[Mapping[str, Any]], before: int, window: int,
+                  key: str = "all") -> list[float]:
+    """The values of ``key`` in the ``window`` rounds just before round ``before`` (ValueError if none)."""
     values = [row[key] for row in curve if before - window <= row["round"] < before and row[key] is not None]
     if not values:
         raise ValueError(f"no {key!r} distance in rounds {before - window} … {before - 1}")
-    return statistics.fmean(values)
+    return values
+
+
+def level_before(curve: Sequence[Mapping[str, Any]], before: int, window: int, key: str = "all") -> float:
+    """Mean of ``key`` over the ``window`` rounds just before round ``before`` (ValueError if none)."""
+    return statistics.fmean(window_before(curve, before, window, key))
 
 
 def rounds_to_recover(curve: Sequence[Mapping[str, Any]], *, after: int, level: float, key: str = "all",

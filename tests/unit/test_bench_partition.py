@@ -68,7 +68,9 @@ def test_analyze_finds_the_partition_and_the_recovery(tmp_path: Path) -> None:
     plot(res, tmp_path / "p.png")
     # Assert
     assert res["pre_partition_level"] == pytest.approx(0.1 * 4 / 6)  # 4 of 6 pairs are 0.1 apart
+    assert res["pre_partition_highest"] == pytest.approx(res["pre_partition_level"])
     assert res["rounds_to_recover"] == 3
+    assert res["rounds_to_mean"] == 3
     assert res["cut_s"] == 1.0
     assert res["rounds_made_while_cut"] == [10, 11, 11, 10]
     assert res["peak_across_while_cut"] == pytest.approx(1.0)

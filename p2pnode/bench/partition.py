@@ -161,6 +161,14 @@ def _views(events: Sequence[dict[str, Any]], nodes: int, cut: Sequence[int],
             "largest_view_after_heal": [max(v, default=None) for v in after]}
 
 
+def _remove_stale_node_files(out_dir: Path) -> None:
+    """A rerun into the same directory: the supervisor would take the last run's ready and result files
+    for this run's (all nodes "ready" at once, then "finished")."""
+    for pattern in ("node-*.ready.json", "node-*.result.json", "node-*.metrics.jsonl"):
+        for path in (out_dir / "nodes").glob(pattern):
+            path.unlink()
+
+
 def run_partition_bench(opts: PartitionOptions, *,
                         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the swarm in a fresh namespace lab, cut and heal it, analyse, save JSON and the plot.
@@ -181,6 +189,7 @@ def run_partition_bench(opts: PartitionOptions, *,
         round_timeout_s=120.0 + 30.0 * opts.rounds,
         # every node waits for all the others before round 1: none starts alone on a busy machine
         extra_args=["--probe-coords", str(opts.probe_coords), "--wait-peers-s", "300", *opts.node_args])
+    _remove_stale_node_files(opts.out_dir)
     t0 = time.time()
     with NetnsLab(opts.nodes, subnet=opts.subnet) as lab, NetnsSwarm(swarm_opts, lab) as swarm:
         swarm.start()

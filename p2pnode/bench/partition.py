@@ -133,6 +133,8 @@ def analyze(events: Sequence[dict[str, Any]], opts: PartitionOptions,
         # own noise); strictly at or below its mean is also reported
         "rounds_to_recover": pr.rounds_to_recover(curve, after=heal["median"], level=highest),
         "rounds_to_mean": pr.rounds_to_recover(curve, after=heal["median"], level=level),
+        # the distance level drifts with training; this one compares the halves with themselves instead
+        "rounds_to_mix": pr.rounds_to_mix(curve, after=heal["median"]),
         "rounds_made_while_cut": [h - c for h, c in zip(heal["rounds"], cut["rounds"])],
         **views,
         "peak_across_while_cut": max((r["across"] for r in during if r["across"] is not None), default=None),
@@ -232,11 +234,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     top.axhline(result["pre_partition_highest"], color="gray", ls="--", lw=0.8,
                 label="pre-partition level (highest)")
     top.set_ylabel("mean pairwise L2 distance\n(probe coordinates)")
-    back = result["rounds_to_recover"]
     last = curve[-1]["round"] - result["heal"]["median"] if curve else 0
-    top.set_title(f"partition {len(result['halves']['a'])}+{len(result['halves']['b'])}: "
-                  + (f"back at the level {back} rounds after the heal" if back is not None
-                     else f"not back at the level in the {last} rounds after the heal"), pad=16)
+
+    def after(n: int | None) -> str:
+        return f"{n} rounds after the heal" if n is not None else f"not in the {last} rounds after the heal"
+
+    top.set_title(f"partition {len(result['halves']['a'])}+{len(result['halves']['b'])}: halves mixed "
+                  f"again {after(result.get('rounds_to_mix'))};\nall-pairs distance back at the "
+                  f"pre-partition level {after(result['rounds_to_recover'])}", pad=16, fontsize=10)
     acc = result["accuracy"]
     for key, color in (("a", "tab:blue"), ("b", "tab:green")):
         bottom.plot([r["round"] for r in acc], [r[key] for r in acc], color=color,
@@ -270,7 +275,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['pre_partition_level']:.4f} / {result['pre_partition_highest']:.4f}; "
         f"peak across-halves distance while cut: {result['peak_across_while_cut']:.4f}",
         f"rounds after the heal until back at the level (highest / mean): {result['rounds_to_recover']} / "
-        f"{result['rounds_to_mean']}",
+        f"{result['rounds_to_mean']}; until across <= within halves: {result['rounds_to_mix']}",
         f"lowest half accuracy while cut: A {mwc['a']}, B {mwc['b']}; final accuracy per node: "
         + ", ".join(f"{a:.4f}" for a in result["final_accuracy"]),
     ])

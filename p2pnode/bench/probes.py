@@ -90,6 +90,17 @@ def rounds_to_recover(curve: Sequence[Mapping[str, Any]], *, after: int, level: 
     return None
 
 
+def rounds_to_mix(curve: Sequence[Mapping[str, Any]], *, after: int) -> int | None:
+    """Rounds from round ``after`` until the halves are mixed again: the first round ``r > after`` whose
+    across-halves distance is at most the larger within-half distance (a node is then no farther from
+    the other half than from its own). Returns ``r − after``, or None if that never happens."""
+    for row in curve:
+        within = [row[k] for k in ("within_a", "within_b") if row[k] is not None]
+        if row["round"] > after and row["across"] is not None and within and row["across"] <= max(within):
+            return int(row["round"]) - after
+    return None
+
+
 def accuracy_curve(events: Iterable[Mapping[str, Any]], groups: Mapping[str, Sequence[int]]
                    ) -> list[dict[str, Any]]:
     """Per round, the mean ``test_accuracy`` of each named group of nodes (None where none evaluated)."""

@@ -57,9 +57,17 @@ def test_level_and_rounds_to_recover() -> None:
         pr.level_before(curve, 1, 3)
 
 
+def test_rounds_to_mix_compares_across_with_within() -> None:
+    curve = [{"round": 1, "within_a": 0.1, "within_b": 0.2, "across": 0.5},
+             {"round": 2, "within_a": 0.1, "within_b": 0.2, "across": 0.25},
+             {"round": 3, "within_a": 0.1, "within_b": 0.2, "across": 0.2}]
+    assert pr.rounds_to_mix(curve, after=1) == 2
+    assert pr.rounds_to_mix(curve[:2], after=0) is None
+
+
 def test_analyze_finds_the_partition_and_the_recovery(tmp_path: Path) -> None:
     # Prepare: cut after round 10, healed after round 20, back together from round 23
-    events = _events(30, {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}, cut=(10, 22))
+    events = _events(30, {0: 0.0, 1: 0.2, 2: 0.0, 3: 0.2}, cut=(10, 22))
     opts = PartitionOptions(nodes=4, rounds=30, cut_at=10, heal_at=20, window=5)
     marks = {"cut": {"t": 0.0, "rounds": [10, 10, 9, 10], "median": 10},
              "heal": {"t": 1.0, "rounds": [20, 21, 20, 20], "median": 20}}
@@ -67,13 +75,15 @@ def test_analyze_finds_the_partition_and_the_recovery(tmp_path: Path) -> None:
     res = analyze(events, opts, marks)
     plot(res, tmp_path / "p.png")
     # Assert
-    assert res["pre_partition_level"] == pytest.approx(0.1 * 4 / 6)  # 4 of 6 pairs are 0.1 apart
+    across = (0.1 + math.hypot(0.1, 0.2)) / 2  # within each half: 0.2
+    assert res["pre_partition_level"] == pytest.approx((2 * 0.2 + 4 * across) / 6)
     assert res["pre_partition_highest"] == pytest.approx(res["pre_partition_level"])
     assert res["rounds_to_recover"] == 3
     assert res["rounds_to_mean"] == 3
+    assert res["rounds_to_mix"] == 3
     assert res["cut_s"] == 1.0
     assert res["rounds_made_while_cut"] == [10, 11, 11, 10]
-    assert res["peak_across_while_cut"] == pytest.approx(1.0)
+    assert res["peak_across_while_cut"] == pytest.approx((1.0 + math.hypot(1.0, 0.2)) / 2)
     assert res["smallest_view_while_cut"] == [1, 1, 1, 1]
     assert res["view_before_heal"] == [1, 1, 1, 1]
     assert res["largest_view_after_heal"] == [3, 3, 3, 3]

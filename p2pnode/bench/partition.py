@@ -262,6 +262,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def format_report(result: dict[str, Any]) -> str:
     """A few lines: the level, the recovery, rounds made while cut off, accuracies."""
     mwc = result["min_accuracy_while_cut"]
@@ -273,7 +277,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['view_before_heal']}, largest after the heal {result['largest_view_after_heal']}",
         f"pre-partition level (all-pairs distance, window mean / highest): "
         f"{result['pre_partition_level']:.4f} / {result['pre_partition_highest']:.4f}; "
-        f"peak across-halves distance while cut: {result['peak_across_while_cut']:.4f}",
+        f"peak across-halves distance while cut: {_fmt(result['peak_across_while_cut'])}",
         f"rounds after the heal until back at the level (highest / mean): {result['rounds_to_recover']} / "
         f"{result['rounds_to_mean']}; until across <= within halves: {result['rounds_to_mix']}",
         f"lowest half accuracy while cut: A {mwc['a']}, B {mwc['b']}; final accuracy per node: "

@@ -9,7 +9,7 @@ import pytest
 
 from p2pnode.bench import probes as pr
 from p2pnode.bench.netns import NetnsLab
-from p2pnode.bench.partition import PartitionOptions, analyze, plot
+from p2pnode.bench.partition import PartitionOptions, analyze, format_report, plot
 
 
 def _events(rounds: int, spread: dict[int, float], cut: tuple[int, int]) -> list[dict]:
@@ -78,6 +78,7 @@ def test_analyze_finds_the_partition_and_the_recovery(tmp_path: Path) -> None:
     across = (0.1 + math.hypot(0.1, 0.2)) / 2  # within each half: 0.2
     assert res["pre_partition_level"] == pytest.approx((2 * 0.2 + 4 * across) / 6)
     assert res["pre_partition_highest"] == pytest.approx(res["pre_partition_level"])
+    assert "rounds after the heal" in format_report({**res, "final_accuracy": [0.9] * 4})
     assert res["rounds_to_recover"] == 3
     assert res["rounds_to_mean"] == 3
     assert res["rounds_to_mix"] == 3

@@ -271,6 +271,8 @@ def add_partition_bench(which: Any) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(o, name),
                        help=f"default {getattr(o, name)}")
     p.add_argument("--task", default=o.task, help=f"task (default {o.task})")
+    p.add_argument("--reanalyze", action="store_true",
+                   help="recompute --json (and --plot) from its run directory's metrics, running nothing")
     p.add_argument("--max-cut-s", type=float, default=None,
                    help="heal after this many seconds of partition if --heal-at has not come yet")
     p.add_argument("--node-flags", default="",
@@ -287,6 +289,11 @@ def run_partition_bench_cli(ns: argparse.Namespace) -> int:
     from p2pnode.bench.netns import NetnsError
     from p2pnode.bench.partition import PartitionOptions, format_report, run_partition_bench
 
+    if ns.reanalyze:
+        from p2pnode.bench.partition import reanalyze
+
+        print(format_report(reanalyze(ns.json, ns.plot)))
+        return 0
     names = ("nodes", "rounds", "cut_at", "heal_at", "local_steps", "fanout", "seed", "probe_coords",
              "window", "task", "max_cut_s")
     try:

@@ -18,6 +18,8 @@ the cut and the heal marked.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import statistics
 import time
@@ -213,6 +215,31 @@ def run_partition_bench(opts: PartitionOptions, *,
     write_json_atomic(opts.json_path, result)
     if opts.plot_path is not None:
         plot(result, opts.plot_path)
+    return result
+
+
+def load_events(out_dir: Path) -> list[dict[str, Any]]:
+    """The metrics lines of a run directory's nodes (``nodes/node-I.metrics.jsonl``), each with ``"node"``."""
+    events = []
+    for path in sorted((out_dir / "nodes").glob("node-*.metrics.jsonl")):
+        node = int(path.name.split(".")[0].split("-")[1])
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                events.append({**json.loads(line), "node": node})
+    return events
+
+
+def reanalyze(json_path: Path, plot_path: Path | None) -> dict[str, Any]:
+    """Recompute a saved result from its run directory's metrics (same cut and heal marks); save it."""
+    result = json.loads(json_path.read_text(encoding="utf-8"))
+    saved = result["options"]
+    names = ("nodes", "rounds", "cut_at", "heal_at", "window")
+    opts = PartitionOptions(**{n: saved[n] for n in names}, out_dir=Path(saved["out_dir"]))
+    marks = {"cut": result["cut"], "heal": result["heal"]}
+    result.update(analyze(load_events(opts.out_dir), opts, marks))
+    write_json_atomic(json_path, result)
+    if plot_path is not None:
+        plot(result, plot_path)
     return result
 
 

@@ -1,30 +1,63 @@
 """Model distances between nodes from the probe coordinates in their metrics lines.
 
 A node started with ``--probe-coords N`` adds ``"probe"``, its model at N fixed coordinates (the same
-on every node), to each round line of its metrics file. The distance between nodes i and j at round r
-is ``‖probe_i(r) − probe_j(r)‖₂``, each node's round r being its own r-th round (nodes run freely, so
-their r-th rounds end at slightly different times). Pure functions on parsed metrics events; the
-fault tests and ``p2pnode bench partition`` share them.
+on every node), to each round line of its metrics file. Nodes run their rounds freely, so node i's
+round r and node j's round r may end seconds apart, on either side of a fault (on a busy machine one
+half of a partitioned swarm ran 5 rounds ahead of the other). The distance between i and j at round r
+therefore pairs i's model after its round r with the model j held at that moment (its latest probe
+then), in both directions: ``‖probe_i(r) − probe_j(t_i(r))‖₂`` and ``‖probe_j(r) − probe_i(t_j(r))‖₂``.
+Pure functions on parsed metrics events; the fault tests and ``p2pnode bench partition`` share them.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-Probes = dict[int, dict[int, list[float]]]  # node -> round -> probe values
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A node's model at the probe coordinates when it finished a round."""
+
+    t: float  # unix time of the round's metrics line
+    round: int
+    values: list[float]
+
+
+class Probes:
+    """Every node's probes, by round and by time."""
+
+    def __init__(self, events: Iterable[Mapping[str, Any]]) -> None:
+        by_node: dict[int, list[Probe]] = {}
+        for ev in events:
+            if ev.get("event") == "round" and isinstance(ev.get("probe"), list):
+                probe = Probe(float(ev["t"]), int(ev["round"]), [float(v) for v in ev["probe"]])
+                by_node.setdefault(int(ev["node"]), []).append(probe)
+        self._by_time = {node: sorted(seq, key=lambda p: p.t) for node, seq in by_node.items()}
+        self._times = {node: [p.t for p in seq] for node, seq in self._by_time.items()}
+        self._by_round = {node: {p.round: p for p in seq} for node, seq in by_node.items()}
+
+    def rounds(self) -> list[int]:
+        """Every round some node reported."""
+        return sorted({r for table in self._by_round.values() for r in table})
+
+    def at_round(self, node: int, rnd: int) -> Probe | None:
+        return self._by_round.get(node, {}).get(rnd)
+
+    def at_time(self, node: int, t: float) -> Probe | None:
+        """``node``'s latest probe at time ``t`` (None before its first round)."""
+        k = bisect.bisect_right(self._times.get(node, []), t)
+        return self._by_time[node][k - 1] if k else None
 
 
 def probe_table(events: Iterable[Mapping[str, Any]]) -> Probes:
-    """``{node: {round: probe}}`` from round events carrying ``"node"``, ``"round"`` and ``"probe"``."""
-    table: Probes = {}
-    for ev in events:
-        if ev.get("event") == "round" and isinstance(ev.get("probe"), list):
-            table.setdefault(int(ev["node"]), {})[int(ev["round"])] = [float(v) for v in ev["probe"]]
-    return table
+    """The probes of round events carrying ``"node"``, ``"t"``, ``"round"`` and ``"probe"``."""
+    return Probes(events)
 
 
 def distance(a: Sequence[float], b: Sequence[float]) -> float:
@@ -45,9 +78,15 @@ def pairs_across(group_a: Sequence[int], group_b: Sequence[int]) -> list[tuple[i
 
 
 def mean_distance(probes: Probes, pairs: Sequence[tuple[int, int]], rnd: int) -> float | None:
-    """Mean distance over the ``pairs`` whose two nodes both reported round ``rnd`` (None if no pair did)."""
-    found = [distance(probes[i][rnd], probes[j][rnd]) for i, j in pairs
-             if rnd in probes.get(i, {}) and rnd in probes.get(j, {})]
+    """Mean distance at round ``rnd`` over ``pairs``, both directions (see the module docstring); None if
+    no node of a pair reported round ``rnd`` while the other had a probe."""
+    found = []
+    for i, j in pairs:
+        for x, y in ((i, j), (j, i)):
+            mine = probes.at_round(x, rnd)
+            theirs = probes.at_time(y, mine.t) if mine is not None else None
+            if mine is not None and theirs is not None:
+                found.append(distance(mine.values, theirs.values))
     return statistics.fmean(found) if found else None
 
 
@@ -56,9 +95,8 @@ def distance_curve(probes: Probes, group_a: Sequence[int], group_b: Sequence[int
     kinds = {"within_a": pairs_within(group_a), "within_b": pairs_within(group_b),
              "across": pairs_across(group_a, group_b),
              "all": pairs_within(sorted([*group_a, *group_b]))}
-    rounds = sorted({r for table in probes.values() for r in table})
     return [{"round": r, **{k: mean_distance(probes, pairs, r) for k, pairs in kinds.items()}}
-            for r in rounds]
+            for r in probes.rounds()]
 
 
 def window_before(curve: Sequence[Mapping[str, Any]], before: int, window: int,

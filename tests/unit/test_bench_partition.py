@@ -20,8 +20,9 @@ def _events(rounds: int, spread: dict[int, float], cut: tuple[int, int]) -> list
         inside = cut[0] < rnd <= cut[1]
         for node in range(4):
             x = (1.0 if inside else 0.1) if node >= 2 else 0.0
-            events.append({"event": "round", "node": node, "round": rnd, "probe": [x, spread[node]],
-                           "test_accuracy": 0.5 + 0.01 * rnd, "peers_in_view": 1 if inside else 3})
+            events.append({"event": "round", "node": node, "round": rnd, "t": float(rnd),
+                           "probe": [x, spread[node]], "test_accuracy": 0.5 + 0.01 * rnd,
+                           "peers_in_view": 1 if inside else 3})
     return events
 
 
@@ -39,10 +40,22 @@ def test_distances_within_across_and_all_pairs() -> None:
     assert row["all"] == pytest.approx((0.3 + 0.4 + sum(across)) / 6)
 
 
-def test_a_round_only_one_node_reported_has_no_distance() -> None:
-    probes = {0: {1: [0.0], 2: [1.0]}, 1: {1: [0.5]}}
+def _ev(node: int, rnd: int, t: float, x: float) -> dict:
+    return {"event": "round", "node": node, "round": rnd, "t": t, "probe": [x]}
+
+
+def test_round_r_is_compared_with_what_the_other_node_held_then() -> None:
+    # node 1 runs twice as fast: its round 2 ends at t=2, node 0's at t=4
+    probes = pr.probe_table([_ev(0, 1, 2.0, 0.0), _ev(0, 2, 4.0, 1.0),
+                             _ev(1, 1, 1.0, 0.5), _ev(1, 2, 2.0, 0.5), _ev(1, 3, 3.0, 0.5),
+                             _ev(1, 4, 4.0, 1.0)])
+    # round 1: node 0 (t=2) vs node 1's round 2 (0.5); node 1 (t=1) vs nothing of node 0 yet
     assert pr.mean_distance(probes, [(0, 1)], 1) == pytest.approx(0.5)
-    assert pr.mean_distance(probes, [(0, 1)], 2) is None
+    # round 2: node 0 (t=4, 1.0) vs node 1's round 4 (1.0): 0; node 1 (t=2, 0.5) vs node 0's round 1: 0.5
+    assert pr.mean_distance(probes, [(0, 1)], 2) == pytest.approx(0.25)
+    # round 3: only node 1 reported it; node 0 then held its round 1 (0.0)
+    assert pr.mean_distance(probes, [(0, 1)], 3) == pytest.approx(0.5)
+    assert pr.mean_distance(probes, [(0, 1)], 9) is None
     with pytest.raises(ValueError, match="different lengths"):
         pr.distance([0.0], [0.0, 1.0])
 

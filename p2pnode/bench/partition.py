@@ -118,11 +118,14 @@ def analyze(events: Sequence[dict[str, Any]], opts: PartitionOptions,
             marks: dict[str, Any]) -> dict[str, Any]:
     """Distance and accuracy curves, the pre-partition level and the rounds to recover (see module doc)."""
     group_a, group_b = opts.halves
-    curve = pr.distance_curve(pr.probe_table(events), group_a, group_b)
+    probes = pr.probe_table(events)
+    curve = pr.distance_curve(probes, group_a, group_b)
     accuracy = pr.accuracy_curve(events, {"a": group_a, "b": group_b})
     cut, heal = marks["cut"], marks["heal"]
-    first_cut = min(cut["rounds"])  # every node had finished this round before the cut
-    before = pr.window_before(curve, first_cut + 1, opts.window)
+    # relative to each node's own round at the cut and at the heal: the counters drift apart while cut
+    before_cut = pr.relative_curve(probes, group_a, group_b, cut["rounds"], range(1 - opts.window, 1))
+    after_heal = pr.relative_curve(probes, group_a, group_b, heal["rounds"], range(1, opts.rounds + 1))
+    before = pr.window_before(before_cut, 1, opts.window)
     level, highest = statistics.fmean(before), max(before)
     views = _views(events, opts.nodes, cut["rounds"], heal["rounds"])
     during = [row for row in curve if max(cut["rounds"]) < row["round"] <= min(heal["rounds"])]
@@ -133,16 +136,17 @@ def analyze(events: Sequence[dict[str, Any]], opts: PartitionOptions,
         "pre_partition_level": level, "pre_partition_highest": highest,
         # back at the level: no higher than the highest value of the pre-partition window (the window's
         # own noise); strictly at or below its mean is also reported
-        "rounds_to_recover": pr.rounds_to_recover(curve, after=heal["median"], level=highest),
-        "rounds_to_mean": pr.rounds_to_recover(curve, after=heal["median"], level=level),
-        # the distance level drifts with training; this one compares the halves with themselves instead
-        "rounds_to_mix": pr.rounds_to_mix(curve, after=heal["median"]),
+        "rounds_to_recover": pr.rounds_to_recover(after_heal, after=0, level=highest),
+        "rounds_to_mean": pr.rounds_to_recover(after_heal, after=0, level=level),
+        # the halves compared with themselves: no reference to a level from earlier in training
+        "rounds_to_mix": pr.rounds_to_mix(after_heal, after=0),
         "rounds_made_while_cut": [h - c for h, c in zip(heal["rounds"], cut["rounds"])],
         **views,
         "peak_across_while_cut": max((r["across"] for r in during if r["across"] is not None), default=None),
         "min_accuracy_while_cut": {k: min((r[k] for r in acc_during if r[k] is not None), default=None)
                                    for k in ("a", "b")},
         "curve": curve, "accuracy": accuracy,
+        "after_heal": [row for row in after_heal if row["all"] is not None],
     }
 
 

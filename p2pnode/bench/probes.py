@@ -15,7 +15,7 @@ import bisect
 import itertools
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,26 +77,46 @@ def pairs_across(group_a: Sequence[int], group_b: Sequence[int]) -> list[tuple[i
     return [(a, b) for a in group_a for b in group_b]
 
 
-def mean_distance(probes: Probes, pairs: Sequence[tuple[int, int]], rnd: int) -> float | None:
-    """Mean distance at round ``rnd`` over ``pairs``, both directions (see the module docstring); None if
-    no node of a pair reported round ``rnd`` while the other had a probe."""
+def _mean(probes: Probes, pairs: Sequence[tuple[int, int]], round_of: Callable[[int], int]) -> float | None:
     found = []
     for i, j in pairs:
         for x, y in ((i, j), (j, i)):
-            mine = probes.at_round(x, rnd)
+            mine = probes.at_round(x, round_of(x))
             theirs = probes.at_time(y, mine.t) if mine is not None else None
             if mine is not None and theirs is not None:
                 found.append(distance(mine.values, theirs.values))
     return statistics.fmean(found) if found else None
 
 
+def mean_distance(probes: Probes, pairs: Sequence[tuple[int, int]], rnd: int) -> float | None:
+    """Mean distance at round ``rnd`` over ``pairs``, both directions (see the module docstring); None if
+    no node of a pair reported round ``rnd`` while the other had a probe."""
+    return _mean(probes, pairs, lambda node: rnd)
+
+
+def _kinds(group_a: Sequence[int], group_b: Sequence[int]) -> dict[str, list[tuple[int, int]]]:
+    return {"within_a": pairs_within(group_a), "within_b": pairs_within(group_b),
+            "across": pairs_across(group_a, group_b), "all": pairs_within(sorted([*group_a, *group_b]))}
+
+
 def distance_curve(probes: Probes, group_a: Sequence[int], group_b: Sequence[int]) -> list[dict[str, Any]]:
     """Per round: mean pairwise distance within each group, across the groups, and over all pairs."""
-    kinds = {"within_a": pairs_within(group_a), "within_b": pairs_within(group_b),
-             "across": pairs_across(group_a, group_b),
-             "all": pairs_within(sorted([*group_a, *group_b]))}
+    kinds = _kinds(group_a, group_b)
     return [{"round": r, **{k: mean_distance(probes, pairs, r) for k, pairs in kinds.items()}}
             for r in probes.rounds()]
+
+
+def relative_curve(probes: Probes, group_a: Sequence[int], group_b: Sequence[int], anchor: Sequence[int],
+                   offsets: Iterable[int]) -> list[dict[str, Any]]:
+    """Like :func:`distance_curve`, but row ``k`` takes each node's own round ``anchor[node] + k``.
+
+    With ``anchor`` = the round each node had finished when a fault began or ended, rows k <= 0 are every
+    node's last rounds before it and rows k >= 1 its first rounds after it, however far apart the nodes'
+    round counters were (the row's ``"round"`` is k).
+    """
+    kinds = _kinds(group_a, group_b)
+    return [{"round": k, **{name: _mean(probes, pairs, lambda node, k=k: anchor[node] + k)
+                            for name, pairs in kinds.items()}} for k in offsets]
 
 
 def window_before(curve: Sequence[Mapping[str, Any]], before: int, window: int,

@@ -60,6 +60,20 @@ def test_round_r_is_compared_with_what_the_other_node_held_then() -> None:
         pr.distance([0.0], [0.0, 1.0])
 
 
+def test_relative_curve_takes_each_nodes_own_rounds_after_the_anchor() -> None:
+    # node 1 ran 5 rounds ahead: at the heal (t=10) node 0 had finished round 10, node 1 round 15
+    events = [_ev(0, r, float(r), 1.0 if r <= 10 else 0.0) for r in range(1, 14)]
+    events += [_ev(1, r, r - 5.0, 0.0) for r in range(6, 19)]
+    probes = pr.probe_table(events)
+    rows = pr.relative_curve(probes, [0], [1], anchor=[10, 15], offsets=range(0, 3))
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert rows[0]["across"] == pytest.approx(1.0)  # node 0 still apart at its heal round
+    assert rows[1]["across"] == pytest.approx(0.0)  # both nodes' first round after the heal
+    assert rows[1]["within_a"] is None
+    # same-round pairing would have compared node 1's round 11 (before the heal) with node 0's round 11
+    assert pr.mean_distance(probes, [(0, 1)], 11) == pytest.approx(0.5)
+
+
 def test_level_and_rounds_to_recover() -> None:
     curve = [{"round": r, "all": d} for r, d in enumerate([0.5, 0.2, 0.2, 0.4, 0.9, 0.8, 0.3, 0.15, 0.1], 1)]
     assert pr.level_before(curve, 4, 2) == pytest.approx(0.2)  # rounds 2 and 3

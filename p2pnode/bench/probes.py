@@ -12,6 +12,7 @@ Pure functions on parsed metrics events; the fault tests and ``p2pnode bench par
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 import statistics
@@ -115,8 +116,15 @@ def relative_curve(probes: Probes, group_a: Sequence[int], group_b: Sequence[int
     round counters were (the row's ``"round"`` is k).
     """
     kinds = _kinds(group_a, group_b)
-    return [{"round": k, **{name: _mean(probes, pairs, lambda node, k=k: anchor[node] + k)
-                            for name, pairs in kinds.items()}} for k in offsets]
+    rows = []
+    for k in offsets:
+        shifted = functools.partial(_shifted, anchor, k)
+        rows.append({"round": k, **{name: _mean(probes, pairs, shifted) for name, pairs in kinds.items()}})
+    return rows
+
+
+def _shifted(anchor: Sequence[int], k: int, node: int) -> int:
+    return anchor[node] + k
 
 
 def window_before(curve: Sequence[Mapping[str, Any]], before: int, window: int,

@@ -75,6 +75,7 @@ logger = logging.getLogger(__name__)
 KIND_GOSSIP, KIND_STATE = "sg", "ss"
 PROBE_SIZE = 16
 MAX_STEPS_PER_BATCH = 4096
+MAX_BATCHES_PER_BODY = 1024  # every batch of a body is verified: this bounds what one message costs
 
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
@@ -205,11 +206,12 @@ class SpsaNode(Node):
             batches = [self._fresh] if self._fresh is not None else []
         else:
             batches = self.log.missing_for(self.peer_summaries.get(peer, {}), max_steps=self._max_batch)
-        sealed = [b.sealed for b in batches if b.sealed is not None]
+        signed = [b for b in batches if b.sealed is not None][:MAX_BATCHES_PER_BODY]  # the rest: next reply
+        sealed = [raw for b in signed if (raw := b.sealed) is not None]
         summary_raw = encode_summary(self.log.holdings()) if summary else b""
         probe_raw = _probe_bytes(self.probe()) if probe and not self.pending else None
         w = self.wire_counts
-        w["codes"] += sum(len(b.codes) for b in batches if b.sealed is not None)
+        w["codes"] += sum(len(b.codes) for b in signed)
         w["batch_bytes"] += sum(map(len, sealed))
         w["summary_bytes"] += len(summary_raw)
         w["probe_bytes"] += len(probe_raw or b"")
@@ -220,7 +222,7 @@ class SpsaNode(Node):
     def _take(self, sender: str, env: Envelope) -> tuple[dict[str, Holding] | None, list[float] | None]:
         """Record the batches of a verified gossip envelope; return the sender's summary (None if it
         sent none) and probe."""
-        body = unpack_limited(env.payload, max_bin=self._max_bytes, max_array=max(3, 1 << 16))
+        body = unpack_limited(env.payload, max_bin=self._max_bytes, max_array=max(4, MAX_BATCHES_PER_BODY))
         if not (isinstance(body, list) and len(body) == 4 and isinstance(body[0], bytes)
                 and isinstance(body[1], list) and (body[2] is None or isinstance(body[2], bytes))
                 and isinstance(body[3], bool)):

@@ -9,8 +9,11 @@ import msgpack
 import pytest
 import torch
 
+from p2pnode.errors import MessageRejected
+from p2pnode.identity import Identity
 from p2pnode.inproc import InprocOptions, InprocSwarm
-from p2pnode.spsa_node import SpsaNode
+from p2pnode.spsa_node import KIND_GOSSIP, MAX_BATCHES_PER_BODY, SpsaNode
+from protocols.envelope import seal
 from protocols.spsa import ScalarBatch, seal_batch
 
 SPSA = {"lr": 1e-3, "eps": 1e-3, "drain_rounds": 2, "probe_every": 1}
@@ -171,3 +174,44 @@ def test_a_joiner_refuses_malformed_states_and_keeps_running(poison: str) -> Non
     joiner = asyncio.run(scenario())
     assert joiner.resyncs == 0
     assert joiner.round == 1
+
+
+def test_a_gossip_body_with_too_many_batches_is_refused_before_any_is_verified() -> None:
+    # every batch of a body is verified: 65,536 forged ones (6.8 MB) kept a node's event loop busy for 15 s
+    async def scenario() -> SpsaNode:
+        a, b = _spsa_nodes(_swarm(nodes=2))
+        for n in (a, b):
+            await n.transport.start(n.serve)
+        liar = Identity.generate()
+        one = seal_batch(liar, ScalarBatch(origin=liar.peer_id, start=0, k=1, codes=b"\x01"), swarm="inproc")
+        forged = one[:-64] + bytes(64)  # a bad signature: only verifying it tells
+        body = msgpack.packb([b"", [forged] * (MAX_BATCHES_PER_BODY + 1), None, False], use_bin_type=True)
+        request = seal(a.identity, kind=KIND_GOSSIP, swarm="inproc", round=0, seq=2**62, payload=body)
+        with pytest.raises(MessageRejected, match="max_array_len"):
+            await a.transport.exchange(b.identity.peer_id, request, timeout=30)
+        return b
+
+    b = asyncio.run(scenario())
+    assert b.messages_rejected == 1, "one refusal for the body, no batch verified"
+
+
+def test_replies_carry_at_most_the_body_cap_and_a_lagging_peer_catches_up() -> None:
+    steps = MAX_BATCHES_PER_BODY + 500
+
+    async def scenario() -> list[int]:
+        a, b = _spsa_nodes(_swarm(nodes=2))
+        for n in (a, b):
+            await n.transport.start(n.serve)
+        origin = a.identity.peer_id
+        for t in range(steps):  # a holds one signed batch per step of its own
+            batch = ScalarBatch(origin=origin, start=t, k=1, codes=bytes([t % 256]))
+            a.log.add(ScalarBatch(origin=origin, start=t, k=1, codes=batch.codes,
+                                  sealed=seal_batch(a.identity, batch, swarm="inproc")))
+        (peer,) = b.membership.sample(1)
+        held = []
+        for _ in range(3):
+            await b._gossip_with(peer, probe=False)
+            held.append(b.log.summary().get(origin, -1) + 1)
+        return held
+
+    assert asyncio.run(scenario()) == [MAX_BATCHES_PER_BODY, steps, steps]

@@ -5,6 +5,8 @@ Two real ``p2pnode run`` processes on loopback (digits, gossip, dense): the *tar
 of its own (hivemind P2P, each with its own key, as :class:`~p2pnode.transport.p2p.P2PTransport` runs
 them) and sends ``--messages`` messages to the target's exchange handler, each lane one at a time
 with a deadline, the lanes concurrently (see :mod:`p2pnode.bench.fuzz_messages` for what they send).
+The target runs with its per-peer rate limits and bans off (:func:`_unguarded`): with them, a lane is
+banned after ten rejections and the rest of its messages never reach a decoder.
 
 Checked afterwards (:func:`summarize`): the target never died or restarted; its metrics show rounds
 during the whole fuzzing, with no gap longer than ``3 × heartbeat_s``; every message built to be
@@ -185,6 +187,7 @@ def run_fuzz_bench(opts: FuzzOptions, *, progress: Callable[[str], None] = lambd
     result = summarize(opts, lanes, before, target.rows(), started=started, ended=ended, alive=alive,
                        exit_code=codes["target"], log=target.log.read_text(errors="replace"))
     result["out"] = str(out)
+    result["guard_flags"] = _unguarded()
     if opts.json_path is not None:
         write_json_atomic(opts.json_path, result)
     return result

@@ -31,11 +31,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2pnode.bench.fuzz_messages import ACCEPT, Target
-from p2pnode.bench.fuzz_send import LaneResult, run_lanes
 from p2pnode.outputs import write_json_atomic
+
+if TYPE_CHECKING:  # fuzz_send needs hivemind: imported where the lanes run, so `--help` works without it
+    from p2pnode.bench.fuzz_send import LaneResult
 
 NODE_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 LOG_ERRORS = re.compile(r"traceback|exception|unhandled|internal error|handler failed", re.IGNORECASE)
@@ -174,6 +176,8 @@ def run_fuzz_bench(opts: FuzzOptions, *, progress: Callable[[str], None] = lambd
         progress(f"target {info['peer_id']} ready and training; sending {opts.messages:,} messages")
         target, before = nodes[0], nodes[0].rows()
         started = time.time()
+        from p2pnode.bench.fuzz_send import run_lanes
+
         lanes = asyncio.run(run_lanes(_target(info, swarm, opts), info["maddrs"], opts.messages,
                                       lanes=opts.lanes, seed=opts.seed, timeout_s=opts.timeout_s,
                                       rate=opts.rate, keys=out / "lanes", progress=progress))

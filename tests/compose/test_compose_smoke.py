@@ -144,14 +144,14 @@ def _logs(engine: Any, containers: list[dict[str, Any]]) -> str:
 
 
 @pytest.mark.timeout(1500)
-def test_compose_swarm_learns_and_survives_kill_and_pause(docker: DockerDaemon, tmp_path: Path,
-                                                          record_property: Any) -> None:
+def test_compose_swarm_learns_and_survives_kill_and_pause(docker: DockerDaemon, tmp_path: Path) -> None:
+    # durations go to the terminal summary (conftest.py), not junit properties: record_property warns
+    # under the xunit2 junit family that .ci/run writes, and warnings are errors here
     started = time.monotonic()
     engine = docker.engine
 
     def phase(name: str, since: float) -> float:
         TIMINGS[name] = round(time.monotonic() - since, 1)
-        record_property(name, TIMINGS[name])
         log(f"{name}: {TIMINGS[name]} s")
         return time.monotonic()
 
@@ -293,7 +293,6 @@ def test_compose_swarm_learns_and_survives_kill_and_pause(docker: DockerDaemon, 
         log(compose("down", "--volumes", "--remove-orphans", "--timeout", "5", check=False).strip()[-2000:])
         phase("down_s", mark)
         TIMINGS["total_s"] = round(time.monotonic() - started, 1)
-        record_property("total_s", TIMINGS["total_s"])
         log(f"compose smoke test took {TIMINGS['total_s']} s: {TIMINGS}")
     leftovers = engine.containers(project, all=True)
     assert not leftovers, f"compose down left containers: {[c['Names'] for c in leftovers]}"

@@ -156,6 +156,7 @@ class RoundReport:
     pushed_to_us: int
     test_accuracy: float | None = None
     test_loss: float | None = None
+    exchange_s: float | None = None  # time this round waited on its exchange with peers
 
 
 class Node:
@@ -453,14 +454,16 @@ class Node:
             self._next_start = sent
             self._next_training = asyncio.ensure_future(
                 asyncio.to_thread(self.local_training, cfg.task.local_steps))
+        waiting = time.monotonic()
         pulled = await self.exchange(peers, sent)
+        waited = time.monotonic() - waiting
         pushed = self.inbox.drain()
         received = self.wire.inputs(sent, {**pushed, **pulled})  # a pulled model is as fresh as a pushed one
         self.observe(received)
         if received:
             await self._merge(sent, received)
         report = RoundReport(round=self.round, train_loss=loss, peers_in_view=len(self.membership.live()),
-                             pulled=len(pulled), pushed_to_us=len(pushed))
+                             pulled=len(pulled), pushed_to_us=len(pushed), exchange_s=round(waited, 4))
         if self.round % cfg.task.eval_every == 0:
             report.test_accuracy, report.test_loss = await asyncio.to_thread(
                 self.trainer.evaluate, cfg.task.eval_samples)
@@ -535,7 +538,8 @@ class Node:
             r = await self.run_round()
             metrics.write("round", **self.counters(), round=r.round, train_loss=r.train_loss,
                           test_accuracy=r.test_accuracy, test_loss=r.test_loss, peers_in_view=r.peers_in_view,
-                          pulled=r.pulled, pushed_to_us=r.pushed_to_us, **self.model_probe())
+                          pulled=r.pulled, pushed_to_us=r.pushed_to_us, exchange_s=r.exchange_s,
+                          **self.model_probe())
             for hook in self.round_hooks:
                 await hook()
             logger.info("round %d: loss %.4f, acc %s, %d peers in view, pulled %d, pushed to us %d",

@@ -8,9 +8,11 @@ and run ``rounds - join_at`` rounds, so that everyone ends at about the same tim
 
 Reported:
 
-- ``max_round_gap_s``: the longest time any survivor spent on one round after the kill (the time between
-  two consecutive metrics lines), and ``max_wait_beyond_median_s``: that minus the survivors' median round
-  time before the kill (the waiting the churn added), both against ``2 x --heartbeat-s``;
+- ``max_exchange_wait_s``: the longest time any survivor's round waited on its exchange with peers after
+  the kill (the ``exchange_s`` of its metrics lines: what a dead peer can cost), against
+  ``2 x --heartbeat-s``; ``max_round_gap_s``: the longest time any survivor spent on one round after the
+  kill (the time between two consecutive metrics lines, local training included), and
+  ``max_wait_beyond_median_s``: that minus the survivors' median round time before the kill;
 - the final honest accuracy (mean over the nodes alive at the end) of both runs and its difference;
 - each joiner's test accuracy at its 5th round against the survivors' mean accuracy at that moment (their
   last evaluation before the joiner's).
@@ -114,10 +116,15 @@ def _run(opts: ChurnOptions, *, churn: bool) -> dict[str, Any]:
         return result
     before: list[float] = []
     after: list[float] = []
+    waits: list[float] = []  # what a round waited on its exchange with peers, after the kill
     for i in survivors:
-        ts = [r["t"] for r in _rows(swarm.node_paths(i).metrics)]
+        rows = _rows(swarm.node_paths(i).metrics)
+        ts = [r["t"] for r in rows]
         for a, b in zip(ts, ts[1:], strict=False):
             (after if b >= (t_kill or 0) else before).append(b - a)
+        waits += [r["exchange_s"] for r in rows
+                  if r["t"] >= (t_kill or 0) and r.get("exchange_s") is not None]
+    result["max_exchange_wait_s"] = max(waits) if waits else None
     median_before = statistics.median(before) if before else None
     result["round_time_median_before_kill_s"] = median_before
     result["max_round_gap_s"] = max(after) if after else None

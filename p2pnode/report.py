@@ -93,6 +93,11 @@ def load_metrics(path: str | Path, *, missing_ok: bool = False) -> list[dict[str
     return parse_metrics_lines(text.splitlines(), source=str(path))
 
 
+def round_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The ``"round"`` events of a node's metrics file (none if it does not exist yet)."""
+    return [row for row in load_metrics(path, missing_ok=True) if row.get("event") == "round"]
+
+
 class MetricsTail:
     """Incremental reader of one metrics file that a live process is appending to.
 

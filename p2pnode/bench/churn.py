@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pnode.outputs import write_json_atomic
+from p2pnode.report import round_rows
 
 logger = logging.getLogger(__name__)
 
@@ -48,20 +49,6 @@ class ChurnOptions:
     json_path: Path = field(default_factory=lambda: Path("runs/bench-churn.json"))
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by SIGKILL
-        if isinstance(row, dict) and row.get("event") == "round":
-            rows.append(row)
-    return rows
-
-
 def _final_accuracy(result: Path) -> float | None:
     try:
         return float(json.loads(result.read_text(encoding="utf-8"))["test_accuracy"])
@@ -72,7 +59,7 @@ def _final_accuracy(result: Path) -> float | None:
 def _wait_round(swarm: Any, node: int, target: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        rows = _rows(swarm.node_paths(node).metrics)
+        rows = round_rows(swarm.node_paths(node).metrics)
         if rows and rows[-1]["round"] >= target:
             return
         if time.monotonic() > deadline:
@@ -118,7 +105,7 @@ def _run(opts: ChurnOptions, *, churn: bool) -> dict[str, Any]:
     after: list[float] = []
     waits: list[float] = []  # what a round waited on its exchange with peers, after the kill
     for i in survivors:
-        rows = _rows(swarm.node_paths(i).metrics)
+        rows = round_rows(swarm.node_paths(i).metrics)
         ts = [r["t"] for r in rows]
         for a, b in zip(ts, ts[1:], strict=False):
             (after if b >= (t_kill or 0) else before).append(b - a)
@@ -132,14 +119,14 @@ def _run(opts: ChurnOptions, *, churn: bool) -> dict[str, Any]:
     result["round_gap_limit_s"] = 2 * opts.heartbeat_s
     joined: dict[int, dict[str, Any] | None] = {}
     for j in joiners:
-        rows = _rows(swarm.node_paths(j).metrics)
+        rows = round_rows(swarm.node_paths(j).metrics)
         fifth = next((r for r in rows if r["round"] == 5), None)
         if fifth is None or fifth.get("test_accuracy") is None:
             joined[j] = None
             continue
         others = []
         for i in survivors:
-            evaluated = [r for r in _rows(swarm.node_paths(i).metrics)
+            evaluated = [r for r in round_rows(swarm.node_paths(i).metrics)
                          if r["t"] <= fifth["t"] and r.get("test_accuracy") is not None]
             if evaluated:
                 others.append(evaluated[-1]["test_accuracy"])

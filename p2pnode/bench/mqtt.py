@@ -14,7 +14,6 @@ figure is the median over its repeats. Reported: those medians and the ratios do
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import socket
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pnode.outputs import write_json_atomic
+from p2pnode.report import round_rows
 
 SETTINGS = ("off", "up", "down")
 
@@ -106,14 +106,7 @@ class MqttBenchOptions:
 
 def round_times(metrics_file: Path, skip: int) -> list[float]:
     """Gaps between consecutive round lines' timestamps, after the first ``skip`` rounds."""
-    ts = []
-    for line in metrics_file.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and row.get("event") == "round" and row.get("round", 0) > skip:
-            ts.append(float(row["t"]))
+    ts = [float(row["t"]) for row in round_rows(metrics_file) if row.get("round", 0) > skip]
     return [b - a for a, b in zip(ts, ts[1:], strict=False)]
 
 

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -428,12 +427,6 @@ def container_logs(engine: Any, container: str, tail: int | str = 40, since: flo
         out.append(data[i + 8:i + 8 + size])
         i += 8 + size
     return b"".join(out).decode(errors="replace")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- telemetry -------------------------------------------------------------------------------------------

@@ -47,7 +47,6 @@ from compose_harness import (
     build_image,
     container_logs,
     ensure_wheelhouse,
-    free_port,
     image_exists,
     log,
     make_base_image,
@@ -57,6 +56,8 @@ from compose_harness import (
     started_at,
     wait_until,
 )
+
+from p2pnode.bench.mqtt import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

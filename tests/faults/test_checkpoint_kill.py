@@ -9,7 +9,6 @@ directory, whose resumed round is compared with the last round its metrics file 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from p2pnode.checkpoint import load_checkpoint, remove_partial_writes
+from p2pnode.report import round_rows
 
 KILLS = 20
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -78,15 +78,7 @@ def _start_node(tmp: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 def _last_round(metrics: Path) -> int:
-    rounds = [0]
-    if not metrics.exists():
-        return 0
-    for line in metrics.read_text().splitlines():
-        try:
-            rounds.append(int(json.loads(line)["round"]))
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut by the kill
-    return max(rounds)
+    return max((int(row["round"]) for row in round_rows(metrics)), default=0)  # cut lines are skipped
 
 
 def _resume_round(log: Path, offset: int) -> int | None:

@@ -11,19 +11,10 @@ from typing import Any
 
 import pytest
 
+from p2pnode.report import round_rows
 from p2pnode.swarm import Swarm, SwarmOptions
 
 pytestmark = [pytest.mark.integration]
-
-
-def _rows(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return [r for r in rows if r.get("event") == "round"]
 
 
 def _wait(what: str, cond: Any, timeout: float = 200) -> None:
@@ -44,14 +35,15 @@ def test_a_joiner_with_one_lying_donor_of_three_ends_within_two_points_of_the_ho
         swarm.start(count=2)
         swarm.launch_late(2, ["--attack", "gaussian:100"])  # the liar: every model it sends is noise
         first = swarm.node_paths(0).metrics
-        _wait("the swarm to run", lambda: (r := _rows(first)) and r[-1]["round"] >= join_at)
+        _wait("the swarm to run", lambda: (r := round_rows(first)) and r[-1]["round"] >= join_at)
         swarm.launch_late(3, ["--rounds", str(joiner_rounds), "--join-donors", "3", "--log-level", "info",
                               "--wait-peers", "3"])
         result = swarm.node_paths(3).result
         _wait("the joiner to finish", result.exists)
-        honest_now = [[r["test_accuracy"] for r in _rows(swarm.node_paths(i).metrics)[-5:]] for i in (0, 1)]
+        honest_now = [[r["test_accuracy"] for r in round_rows(swarm.node_paths(i).metrics)[-5:]]
+                      for i in (0, 1)]
         log = swarm.node_paths(3).log.read_text()
-        joiner_rows = _rows(swarm.node_paths(3).metrics)
+        joiner_rows = round_rows(swarm.node_paths(3).metrics)
         joiner_final = json.loads(result.read_text())["test_accuracy"]
     assert "join: started from the median of 3 donors' models" in log, log[-3000:]
     honest = sum(sum(a) / len(a) for a in honest_now) / 2  # last 5 evaluations of each honest node

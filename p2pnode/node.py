@@ -483,7 +483,8 @@ class Node:
         return self._last_good.clone()
 
     async def _merge(self, sent: torch.Tensor, received: dict[str, torch.Tensor]) -> None:
-        """Merge through the defense and apply the result as a delta (progress made meanwhile is kept).
+        """Merge through the defense and apply the result as a delta (progress made meanwhile is kept),
+        scaled by the consensus step (``GossipConfig.merge_step``).
 
         A rule whose precondition this round's inputs do not meet (e.g. Krum with n <= 2F + 2 because few
         peers answered) raises ValueError: the node then keeps its own model for this round.
@@ -494,7 +495,9 @@ class Node:
             logger.warning("round %d: kept own model, %s cannot merge %d inputs: %s", self.round,
                            self.config.gossip.defense, len(received) + 1, exc)
             return
-        await asyncio.to_thread(self.trainer.add_flat_, merged - sent)
+        delta = merged - sent
+        step = self.config.gossip.merge_step()
+        await asyncio.to_thread(self.trainer.add_flat_, delta if step == 1.0 else step * delta)
 
     def _pick_peers(self, own: torch.Tensor, k: int) -> list[MembershipRecord]:
         """k live peers: uniformly at random, or by Bristle's distance-based prioritizer."""

@@ -46,6 +46,7 @@ def test_int_widens_to_float_but_str_is_refused() -> None:
     ({"network": {"swarm": "has space"}}, "network.swarm"),
     ({"gossip": {"no_such": 1}}, "gossip.no_such"),
     ({"nosection": {}}, "nosection"),
+    ({"gossip": {"consensus_step": 1.5}}, "gossip.consensus_step"),
     ({"output": {"log_level": "loud"}}, "output.log_level"),
 ])
 def test_bad_values_name_the_field_and_the_allowed_values(data: dict, field: str) -> None:
@@ -65,3 +66,13 @@ def test_missing_and_invalid_toml_files_are_config_errors(tmp_path: Path) -> Non
     bad.write_text("[gossip\n")
     with pytest.raises(ConfigError, match="valid TOML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(("codec", "step", "expected"), [
+    ("dense", 0.0, 1.0), ("fp16", 0.0, 1.0), ("int8", 0.0, 1.0),
+    ("topk:0.01", 0.0, 0.5), ("powersgd:2", 0.0, 0.5), ("terngrad", 0.0, 0.5),
+    ("topk:0.01", 0.8, 0.8), ("dense", 0.25, 0.25),
+])
+def test_consensus_step_is_auto_by_codec_unless_set(codec: str, step: float, expected: float) -> None:
+    cfg = config_from_dict({"gossip": {"codec": codec, "consensus_step": step}})
+    assert cfg.gossip.merge_step() == expected

@@ -134,6 +134,7 @@ def add_bench(sub: Any) -> None:
 
     add_gpu_bench(which)
     add_fuzz_bench(which)
+    add_e2e_bench(which)
     add_partition_bench(which)
 
     from p2pnode.bench.churn import ChurnOptions
@@ -225,6 +226,56 @@ def add_gpu_bench(which: Any) -> None:
     p.add_argument("--codecs", type=_csv(str), default=g.codecs,
                    help="codecs (default: " + ",".join(g.codecs) + ")")
     p.add_argument("--json", type=Path, default=g.json_path, help=f"results file (default {g.json_path})")
+
+
+def add_e2e_bench(which: Any) -> None:
+    """Register ``bench e2e``."""
+    from p2pnode.bench.e2e import E2EOptions
+
+    e = E2EOptions()
+    p = which.add_parser("e2e", allow_abbrev=False,
+                         help="p2pnode gossip vs a hivemind averager swarm: time to target, bytes",
+                         description="Real multi-process swarms on this machine, same model, shards and "
+                                     "local steps: a hivemind baseline (local SGD + averager.step() "
+                                     "all-reduce in a group of all nodes) and p2pnode gossip per codec. "
+                                     "Per system: time to "
+                                     "--target mean held-out accuracy, final accuracy, bytes sent per node "
+                                     "(at the transport), CPU seconds; median of --repeats runs. Resumes "
+                                     "from --json.")
+    for name in ("nodes", "rounds", "local_steps", "fanout", "repeats", "seed", "eval_samples"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(e, name),
+                       help=f"default {getattr(e, name)}")
+    p.add_argument("--task", default=e.task, help=f"task (default {e.task})")
+    p.add_argument("--target", type=float, default=e.target,
+                   help=f"mean held-out accuracy to reach (default {e.target})")
+    p.add_argument("--matchmaking-s", type=float, default=e.matchmaking_s,
+                   help=f"hivemind averager's min_matchmaking_time (default {e.matchmaking_s})")
+    p.add_argument("--systems", type=_csv(str), default=e.systems,
+                   help="hivemind | CODEC (gossip) | increments/CODEC, comma-separated "
+                        "(default: " + ",".join(e.systems) + ")")
+    p.add_argument("--out-dir", type=Path, default=e.out_dir, help=f"swarm outputs (default {e.out_dir})")
+    p.add_argument("--json", type=Path, default=e.json_path, help=f"results file (default {e.json_path})")
+
+
+def run_e2e_bench_cli(ns: argparse.Namespace) -> int:
+    from p2pnode.bench.e2e import E2EOptions, format_table, run_e2e_bench
+
+    names = ("nodes", "rounds", "local_steps", "fanout", "repeats", "seed", "eval_samples", "task", "target",
+             "matchmaking_s", "systems")
+    try:
+        opts = E2EOptions(**{n: getattr(ns, n) for n in names}, out_dir=ns.out_dir, json_path=ns.json)
+    except ValueError as exc:
+        print(f"p2pnode bench e2e: {exc}", file=sys.stderr)
+        return 2
+
+    def progress(row: dict[str, Any]) -> None:
+        brief = {k: v for k, v in row.items() if k != "curve"}
+        print(json.dumps(brief), file=sys.stderr, flush=True)
+
+    data = run_e2e_bench(opts, on_run=progress)
+    print(format_table(data))
+    print(f"results: {ns.json}")
+    return 0
 
 
 def add_fuzz_bench(which: Any) -> None:
@@ -349,6 +400,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         return run_gpu_bench_cli(ns)
     if ns.bench == "fuzz":
         return run_fuzz_bench_cli(ns)
+    if ns.bench == "e2e":
+        return run_e2e_bench_cli(ns)
     if ns.bench == "partition":
         return run_partition_bench_cli(ns)
     if ns.bench == "robustness":

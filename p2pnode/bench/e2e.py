@@ -59,7 +59,7 @@ class E2EOptions:
     nodes: int = 8
     task: str = "fashion-mnist"
     target: float = 0.80
-    rounds: int = 20
+    rounds: int = 18
     local_steps: int = 20
     fanout: int = 2
     repeats: int = 3
@@ -127,11 +127,13 @@ class ProcessTreeCpu:
     """User + system CPU seconds of some processes and all their descendants, by sampling ``/proc``.
 
     Each :meth:`sample` walks the process tree under the given root pids and keeps, per process
-    (pid and start time, so a reused pid is a new process), the largest CPU time seen.
+    (pid and start time, so a reused pid is a new process), the largest CPU time seen, and its kind:
+    ``node`` (a root), ``p2pd`` (a libp2p daemon) or ``child`` (another descendant: DHT, averager).
     """
 
     def __init__(self) -> None:
         self._ticks: dict[tuple[int, int], int] = {}
+        self._kind: dict[tuple[int, int], str] = {}
 
     def sample(self, roots: Iterable[int]) -> None:
         stats: dict[int, tuple[int, int, int]] = {}
@@ -141,7 +143,8 @@ class ProcessTreeCpu:
                 if entry.name.isdigit() and (st := _read_stat(int(entry.name))) is not None:
                     stats[int(entry.name)] = st
                     children[st[0]].append(int(entry.name))
-        todo, seen = [r for r in roots if r in stats], set()
+        root_set = set(roots)
+        todo, seen = [r for r in root_set if r in stats], set()
         while todo:
             pid = todo.pop()
             if pid in seen:
@@ -150,6 +153,8 @@ class ProcessTreeCpu:
             _, ticks, start = stats[pid]
             key = (pid, start)
             self._ticks[key] = max(self._ticks.get(key, 0), ticks)
+            if key not in self._kind:
+                self._kind[key] = "node" if pid in root_set else _kind_of(pid)
             todo.extend(children.get(pid, ()))
 
     @property
@@ -159,6 +164,21 @@ class ProcessTreeCpu:
     @property
     def seconds(self) -> float:
         return sum(self._ticks.values()) / _CLK_TCK
+
+    def seconds_by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for key, ticks in self._ticks.items():
+            out[self._kind.get(key, "child")] += ticks / _CLK_TCK
+        return {k: round(v, 2) for k, v in sorted(out.items())}
+
+
+def _kind_of(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            comm = f.read().strip()
+    except OSError:
+        return "child"
+    return "p2pd" if comm == "p2pd" else "child"
 
 
 def accuracy_curve(events: Iterable[dict[str, Any]], *, nodes: int, t0: float) -> list[dict[str, Any]]:
@@ -266,7 +286,8 @@ def run_one(opts: E2EOptions, system: str, repeat: int) -> dict[str, Any]:
         events = swarm.events()
     row = {"system": system, "repeat": repeat, "seed": seed, "all_finished": finished,
            "startup_s": round(ready - launched, 3), "wall_s": round(done - launched, 3),
-           "cpu_s": round(cpu.seconds, 2), "processes": cpu.processes, "load_1min_at_start": load,
+           "cpu_s": round(cpu.seconds, 2), "cpu_s_by_kind": cpu.seconds_by_kind(), "processes": cpu.processes,
+           "load_1min_at_start": load,
            "out": str(swarm_opts.out)}
     row.update(summarize_run(events, nodes=opts.nodes, target=opts.target, t0=ready))
     return row

@@ -13,8 +13,8 @@ import pytest
 from p2pnode.bench.e2e import (
     E2EOptions,
     ProcessTreeCpu,
-    accuracy_curve,
     acceptance,
+    accuracy_curve,
     aggregate,
     first_reaching,
     format_table,
@@ -41,7 +41,7 @@ def test_parse_system_names() -> None:
     assert parse_system("increments/topk:0.01") == ("increments", "topk:0.01")
     assert parse_system("gossip/fp16") == ("gossip", "fp16")
     for bad in ("spsa/dense", "increments/", "a/b/c", "gossip/hivemind", ""):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="unknown system"):
             parse_system(bad)
 
 
@@ -49,7 +49,7 @@ def test_options_are_validated() -> None:
     E2EOptions()
     for kwargs in ({"nodes": 1}, {"rounds": 0}, {"target": 0.0}, {"target": 1.5}, {"systems": ()},
                    {"systems": ("hivemind", "bogus/x")}, {"repeats": 0}, {"matchmaking_s": 0.0}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="must|unknown system"):
             E2EOptions(**kwargs)
 
 
@@ -65,7 +65,8 @@ def test_curve_uses_the_last_node_of_each_round_and_skips_incomplete_rounds() ->
     assert [p["round"] for p in curve] == [1, 2]
     assert curve[0] == {"round": 1, "t": 2.5, "accuracy": pytest.approx(0.55), "accuracy_min": 0.5,
                         "bytes_sent": 20.0}
-    assert curve[1]["t"] == 4.0 and curve[1]["accuracy"] == pytest.approx(0.81)
+    assert curve[1]["t"] == 4.0
+    assert curve[1]["accuracy"] == pytest.approx(0.81)
     assert first_reaching(curve, 0.80) is curve[1]
     assert first_reaching(curve, 0.55) is curve[0]
     assert first_reaching(curve, 0.82) is None
@@ -89,13 +90,15 @@ def test_summarize_run_reports_target_bytes_finals_and_timing() -> None:
     assert run["exchange_s_median"] == 0.5
 
     missed = summarize_run(events, nodes=2, target=0.9, t0=10.0)
-    assert missed["time_to_target_s"] is None and missed["round_to_target"] is None
+    assert missed["time_to_target_s"] is None
+    assert missed["round_to_target"] is None
     assert missed["bytes_to_target_per_node"] is None
 
 
 def _run(system: str, repeat: int, t: float | None, b: float | None, *, total: float = 1000.0,
          acc: float = 0.85) -> dict[str, Any]:
-    return {"system": system, "repeat": repeat, "time_to_target_s": t, "round_to_target": None if t is None else 5,
+    return {"system": system, "repeat": repeat, "time_to_target_s": t,
+            "round_to_target": None if t is None else 5,
             "bytes_to_target_per_node": b, "final_accuracy": acc, "final_accuracy_min": acc,
             "bytes_sent_per_node": total, "cpu_s": 10.0, "startup_s": 5.0, "wall_s": 60.0,
             "round_s_median": 3.0, "exchange_s_median": 0.2}
@@ -103,7 +106,8 @@ def _run(system: str, repeat: int, t: float | None, b: float | None, *, total: f
 
 def test_medians_ratios_and_acceptance() -> None:
     data = {"options": {"target": 0.8}, "runs": [
-        _run("hivemind", 0, 20.0, 1000.0), _run("hivemind", 1, 30.0, 1200.0), _run("hivemind", 2, 25.0, 900.0),
+        _run("hivemind", 0, 20.0, 1000.0), _run("hivemind", 1, 30.0, 1200.0),
+        _run("hivemind", 2, 25.0, 900.0),
         _run("dense", 0, 18.0, 2000.0), _run("dense", 1, 33.0, 2100.0), _run("dense", 2, 20.0, 1900.0),
         _run("topk:0.01", 0, None, None, total=40.0), _run("topk:0.01", 1, 40.0, 45.0, total=40.0),
         _run("topk:0.01", 2, 50.0, 55.0, total=40.0),
@@ -153,6 +157,7 @@ def test_process_tree_cpu_counts_a_child_that_burns_cpu() -> None:
             time.sleep(0.1)
         assert cpu.seconds >= 0.25
         assert cpu.processes == 1
+        assert cpu.seconds_by_kind() == {"node": pytest.approx(cpu.seconds, abs=0.011)}
         cpu.sample([2**22 + 12345])  # a pid that does not exist: nothing added
         assert cpu.processes == 1
     finally:
@@ -163,7 +168,10 @@ def test_process_tree_cpu_counts_a_child_that_burns_cpu() -> None:
 def test_cli_parser_and_worker_flags() -> None:
     ns = build_parser().parse_args(["bench", "e2e", "--nodes", "4", "--systems", "hivemind,dense,topk:0.01",
                                     "--target", "0.9", "--json", "x.json"])
-    assert ns.bench == "e2e" and ns.nodes == 4 and ns.target == 0.9 and ns.json == Path("x.json")
+    assert ns.bench == "e2e"
+    assert ns.nodes == 4
+    assert ns.target == 0.9
+    assert ns.json == Path("x.json")
     assert ns.systems == ("hivemind", "dense", "topk:0.01")
     assert build_parser().parse_args(["bench", "e2e"]).repeats == 3
 
@@ -172,5 +180,9 @@ def test_cli_parser_and_worker_flags() -> None:
                                 "--swarm", "s", "--metrics-file", "m", "--ready-file", "r", "--result-file",
                                 "x", "--defense", "mean", "--codec", "dense", "--wait-peers", "1",
                                 "--fanout", "2", "--linger-s", "30"])
-    assert worker.rounds == 3 and worker.shard == "1/2" and worker.wait_peers == 1
-    assert worker.lr == 0.05 and worker.batch_size == 32 and worker.local_steps == 20  # p2pnode defaults
+    assert worker.rounds == 3
+    assert worker.shard == "1/2"
+    assert worker.wait_peers == 1
+    assert worker.lr == 0.05
+    assert worker.batch_size == 32
+    assert worker.local_steps == 20

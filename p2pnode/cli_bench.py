@@ -136,6 +136,7 @@ def add_bench(sub: Any) -> None:
     add_fuzz_bench(which)
     add_e2e_bench(which)
     add_partition_bench(which)
+    add_hotpaths_bench(which)
 
     from p2pnode.bench.churn import ChurnOptions
 
@@ -395,7 +396,55 @@ def run_gpu_bench_cli(ns: argparse.Namespace) -> int:
     return 1 if data["errors"] else 0
 
 
+def add_hotpaths_bench(which: Any) -> None:
+    """Register ``bench hotpaths``."""
+    from p2pnode.bench.hotpaths import HotpathOptions
+
+    h = HotpathOptions()
+    p = which.add_parser("hotpaths", allow_abbrev=False,
+                         help="codecs, merge rules, signatures and ping latency against the machine's limits",
+                         description="One run: clone() bandwidth of a --d fp32 tensor; each codec's encode "
+                                     "and decode throughput as a fraction of it (hivemind's float16 codecs "
+                                     "beside); every merge rule on a pre-stacked (n, d) input beside "
+                                     "cdist+mean and NNA's floor; Ed25519 seal/open per MB; then the p99 "
+                                     "round trip of a signed ping to a `p2pnode run` node training flat out.")
+    p.add_argument("--d", type=int, default=h.d, help=f"vector length (default {h.d:,})")
+    p.add_argument("--n", type=int, default=h.n, help=f"rows of the merge input (default {h.n})")
+    p.add_argument("--repeats", type=int, default=h.repeats,
+                   help=f"timed runs per measure (default {h.repeats})")
+    p.add_argument("--threads", type=int, default=h.threads, help=f"torch threads (default {h.threads})")
+    p.add_argument("--codecs", type=_csv(str), default=h.codecs,
+                   help="codecs (default " + ",".join(h.codecs) + ")")
+    p.add_argument("--no-merge-rules", dest="merge_rules", action="store_false",
+                   help="skip the merge rules (they need n × d × 4 bytes and more)")
+    p.add_argument("--rpc-seconds", type=float, default=h.rpc_seconds,
+                   help=f"how long to ping a training node (0 = skip; default {h.rpc_seconds:g})")
+    p.add_argument("--rpc-rate", type=float, default=h.rpc_rate,
+                   help=f"pings per second (default {h.rpc_rate:g})")
+    p.add_argument("--rpc-task", default=h.rpc_task,
+                   help=f"what the pinged node trains (default {h.rpc_task})")
+    p.add_argument("--out-dir", type=Path, default=h.out_dir, help=f"node outputs (default {h.out_dir})")
+    p.add_argument("--json", type=Path, default=h.json_path, help=f"results file (default {h.json_path})")
+
+
+def run_hotpaths_bench_cli(ns: argparse.Namespace) -> int:
+    from p2pnode.bench.hotpaths import HotpathOptions, format_report, run_hotpath_bench
+
+    names = ("d", "n", "repeats", "threads", "codecs", "merge_rules", "rpc_seconds", "rpc_rate", "rpc_task")
+    try:
+        opts = HotpathOptions(**{n: getattr(ns, n) for n in names}, out_dir=ns.out_dir, json_path=ns.json)
+    except ValueError as exc:
+        print(f"p2pnode bench hotpaths: {exc}", file=sys.stderr)
+        return 2
+    data = run_hotpath_bench(opts, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_report(data))
+    print(f"results: {ns.json}")
+    return 0
+
+
 def cmd_bench(ns: argparse.Namespace) -> int:
+    if ns.bench == "hotpaths":
+        return run_hotpaths_bench_cli(ns)
     if ns.bench == "gpu":
         return run_gpu_bench_cli(ns)
     if ns.bench == "fuzz":

@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 KIND_PUSH, KIND_PULL = "push", "pull"
 KIND_JOIN_REQUEST, KIND_JOIN_STATE = "jreq", "jstate"  # a joiner asks a donor for its current model
+KIND_PING, KIND_PONG = "ping", "pong"  # liveness: an empty signed request, answered with our round (no model)
 
 
 class PeerView(Protocol):
@@ -313,7 +314,12 @@ class Node:
             # change in one exchange at a time (protocols/replicas.py)
             raise MessageRejected("busy: our own exchange with you is in flight", peer=sender)
         try:
-            env = self._open_from(sender, request, (KIND_PUSH, KIND_JOIN_REQUEST))
+            env = self._open_from(sender, request, (KIND_PUSH, KIND_JOIN_REQUEST, KIND_PING))
+            if env.kind == KIND_PING:
+                if env.payload:
+                    raise ProtocolError(f"ping carries {len(env.payload)} payload bytes, expected none")
+                self._push_guard.check(env)
+                return self._seal(KIND_PONG, b"")  # the envelope itself carries our round
             if env.kind == KIND_JOIN_REQUEST:
                 self._push_guard.check(env)
                 return await self._serve_join(sender)

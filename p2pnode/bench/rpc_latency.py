@@ -1,0 +1,125 @@
+"""Small-RPC latency of a node that trains flat out: the ping part of ``p2pnode bench hotpaths``.
+
+Two ``p2pnode run`` processes (a target and one peer, so the target also exchanges models every round)
+train without pause; this process is a libp2p host of its own that sends the target a signed ``ping``
+at a fixed rate over the node's own stream protocol and times each round trip to the signed ``pong``.
+The target's event loop answers while its training thread runs, so the figure shows how long the loop
+waits for the interpreter (GIL), the CPU and the exchange work of the round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from p2pnode.bench.fuzz import NodeProcess, _ready_file, _training_with_peer, _wait
+from p2pnode.errors import MessageRejected, PeerUnreachable
+
+NODE_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _start(name: str, out: Path, swarm: str, task: str, *, shard: int,
+           initial_peer: str | None) -> NodeProcess:
+    import subprocess
+    import sys
+
+    node_dir = out / name
+    node_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "p2pnode", "run", "--task", task, "--identity", str(node_dir / "key"),
+           "--swarm", swarm, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--shard", f"{shard}/2",
+           "--rounds", "0", "--metrics-file", str(node_dir / "metrics.jsonl"), "--ready-file",
+           str(node_dir / "ready.json"), "--threads", "1", "--linger-s", "0", "--wait-peers", "1",
+           "--log-level", "warning"]
+    if initial_peer is not None:
+        cmd += ["--initial-peers", initial_peer]
+    with open(node_dir / "node.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **NODE_ENV}, start_new_session=True)
+    return NodeProcess(name, proc, node_dir)
+
+
+async def ping_loop(peer_id: str, maddrs: list[str], *, swarm: str, seconds: float, rate: float,
+                    key_dir: Path, timeout_s: float = 10.0) -> dict[str, Any]:
+    """Ping ``peer_id`` every ``1 / rate`` s for ``seconds``; round-trip times of the answered pings."""
+    from hivemind.p2p import P2P
+
+    from p2pnode.identity import Identity, save_identity
+    from p2pnode.node import KIND_PING, KIND_PONG
+    from p2pnode.transport.p2p import P2PTransport
+    from protocols.envelope import open_envelope, seal
+
+    identity = Identity.generate()
+    path = save_identity(identity, key_dir / "pinger.key", overwrite=True)
+    p2p = await P2P.create(identity_path=str(path), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    transport = P2PTransport(p2p, max_message_bytes=1 << 16, connect_timeout=timeout_s)
+    seq = itertools.count(time.time_ns() // 1000)
+    times: list[float] = []
+    failures: dict[str, int] = {}
+    sent = 0
+    loop = asyncio.get_running_loop()
+    try:
+        # one ping first so the connection is open before the timed ones (dialling is not the RPC)
+        await transport.exchange(peer_id, seal(identity, kind=KIND_PING, swarm=swarm, round=0, seq=next(seq),
+                                               payload=b""), timeout=timeout_s, maddrs=maddrs)
+        start = loop.time()
+        for i in itertools.count():
+            due = start + i / rate
+            if due > start + seconds:
+                break
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            request = seal(identity, kind=KIND_PING, swarm=swarm, round=0, seq=next(seq), payload=b"")
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                reply = await transport.exchange(peer_id, request, timeout=timeout_s, maddrs=maddrs)
+                open_envelope(reply, max_bytes=1 << 16, swarm=swarm, kinds=(KIND_PONG,))
+            except (PeerUnreachable, MessageRejected, TimeoutError) as exc:
+                failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
+                continue
+            times.append(time.perf_counter() - t0)
+    finally:
+        await transport.close()
+        await p2p.shutdown()
+    return {"sent": sent, "answered": len(times), "failures": failures, "times_s": times}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run_rpc_latency(*, seconds: float = 30.0, rate: float = 20.0, task: str = "fashion-mnist",
+                    out_dir: Path = Path("runs/bench-hotpaths"), start_timeout_s: float = 180.0,
+                    progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Start the target and its peer, ping the target while both train, stop them; the latency figures."""
+    out = out_dir / time.strftime("rpc-%Y%m%d-%H%M%S")
+    swarm = f"rpc-{os.getpid()}-{time.time_ns() % 10**9}"
+    nodes: list[NodeProcess] = []
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        nodes.append(_start("target", out, swarm, task, shard=0, initial_peer=None))
+        info = _wait("ready", nodes[0], deadline, lambda: _ready_file(nodes[0]))
+        nodes.append(_start("peer", out, swarm, task, shard=1, initial_peer=info["maddrs"][0]))
+        _wait("training with its peer", nodes[0], deadline, lambda: _training_with_peer(nodes[0]))
+        progress(f"pinging {info['peer_id']} at {rate:g}/s for {seconds:g} s while it trains ({task})")
+        before = len(nodes[0].rows())
+        pings = asyncio.run(ping_loop(info["peer_id"], info["maddrs"], swarm=swarm, seconds=seconds,
+                                      rate=rate, key_dir=out))
+        rounds = [r for r in nodes[0].rows()[before:] if r.get("event") == "round"]
+    finally:
+        for node in nodes:
+            node.stop()
+    times = pings.pop("times_s")
+    ms = [1e3 * t for t in times]
+    return {**pings, "task": task, "seconds": seconds, "rate": rate, "out": str(out),
+            "rounds_during": len(rounds),
+            "round_s_median": statistics.median([b["t"] - a["t"] for a, b in zip(rounds, rounds[1:])])
+            if len(rounds) > 2 else None,
+            "p50_ms": statistics.median(ms) if ms else None, "p99_ms": _quantile(ms, 0.99) if ms else None,
+            "max_ms": max(ms) if ms else None}

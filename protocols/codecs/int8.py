@@ -51,44 +51,46 @@ class Int8Codec(Codec):
         wire.check_input(x, layout)
         if wire.off_host(x):
             return self._encode_off_host(x.detach(), layout)
-        # numpy: no thread-pool overhead on small inputs, faster on big ones
-        array = wire.to_host(x).detach().numpy()
+        flat = wire.to_host(x).detach().reshape(-1)
         d, block, nblocks = layout.numel, self.block, self._blocks(layout.numel)
         head = wire.header(self.codec_id, self.log_block, layout)
         out = bytearray(len(head) + 4 * nblocks + d)  # scales and codes are written straight into it
         out[: len(head)] = head
-        scales = np.frombuffer(out, dtype="<f4", count=nblocks, offset=len(head))
-        codes = np.frombuffer(out, dtype=np.int8, count=d, offset=len(head) + 4 * nblocks)
+        if d == 0:
+            return out  # type: ignore[return-value]
+        # the host is little-endian, as wire.pack assumes
+        scales = torch.frombuffer(out, dtype=torch.float32, offset=len(head), count=nblocks)
+        codes = torch.frombuffer(out, dtype=torch.int8, offset=len(head) + 4 * nblocks, count=d)
         # chunks of whole blocks small enough to stay in cache: each pass after the first reads the chunk
-        # from cache instead of memory (2.9x the throughput of whole-array passes on 25.6M elements)
+        # from cache instead of memory (with torch's vectorised kernels, 1.4x numpy's throughput and about
+        # 4x that of whole-array passes on 25.6M elements)
         step = max(block, CHUNK // block * block)
-        scratch = np.empty(min(step, d), dtype=np.float32)
+        scratch = torch.empty(min(step, d), dtype=torch.float32)
         for start in range(0, d, step):
             stop = min(start + step, d)
             first = start // block
-            self._encode_chunk(array[start:stop], scales[first: first + -(-(stop - start) // block)],
+            self._encode_chunk(flat[start:stop], scales[first: first + -(-(stop - start) // block)],
                                codes[start:stop], scratch[: stop - start])
         return out  # type: ignore[return-value]  # bytearray: bytes-like, one copy less than bytes(out)
 
-    def _encode_chunk(self, part: np.ndarray, scales: np.ndarray, codes: np.ndarray,
-                      scratch: np.ndarray) -> None:
+    def _encode_chunk(self, part: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor,
+                      scratch: torch.Tensor) -> None:
         """Scales and codes of whole blocks ``part`` (the array's last block may be short)."""
         n, block = len(part), self.block
         full = n // block * block
-        rows = [(part[:full].reshape(-1, block), scales[: full // block], scratch[:full].reshape(-1, block),
+        rows = [(part[:full].view(-1, block), scales[: full // block], scratch[:full].view(-1, block),
                  codes[:full])] if full else []
         if full < n:
-            rows.append((part[full:].reshape(1, -1), scales[full // block:], scratch[full:].reshape(1, -1),
+            rows.append((part[full:].view(1, -1), scales[full // block:], scratch[full:].view(1, -1),
                          codes[full:]))
         for blocks, scale, quotient, code in rows:
-            np.maximum(blocks.max(axis=1), -blocks.min(axis=1), out=scale)
-            if not bool(np.isfinite(scale).all()):  # before the cast below, which NaN would make warn
+            torch.amax(blocks.abs(), dim=1, out=scale)
+            if not bool(torch.isfinite(scale).all()):
                 raise ValueError("codec input contains NaN or Inf")
-            scale /= np.float32(127)
-            np.divide(blocks, np.where(scale > 0, scale, np.float32(1))[:, None], out=quotient)
-            np.rint(quotient, out=quotient)
-            np.clip(quotient, -127, 127, out=quotient)
-            code[:] = quotient.reshape(-1)  # float to int8: exact, the values are integers in [-127, 127]
+            scale.div_(127.0)
+            torch.div(blocks, torch.where(scale > 0, scale, 1.0)[:, None], out=quotient)
+            quotient.round_().clamp_(-127, 127)  # round half to even, as the device path and np.rint
+            code.copy_(quotient.view(-1))  # float to int8: exact, the values are integers in [-127, 127]
 
     def _encode_off_host(self, x: torch.Tensor, layout: Layout) -> bytes:
         """:meth:`encode` on the tensor's device (same arithmetic); only scales and codes are copied."""

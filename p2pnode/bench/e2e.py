@@ -19,7 +19,9 @@ end on the whole test split. Measured per run:
   the target round and over the whole run;
 * CPU seconds: user + system time of every process of the swarm (node processes and their children:
   DHT processes, the averager process, the libp2p daemons), read from ``/proc/PID/stat`` twice a second
-  while the swarm runs (what a process spends after its last sample is not counted);
+  while the swarm runs (what a process spends after its last sample is not counted), split by kind
+  (``cpu_s_by_kind``: ``node`` processes, ``p2pd`` daemons, other ``child`` processes) and also taken
+  when every node was ready (``cpu_s_at_ready``), so start-up and training can be told apart;
 * final accuracy: mean over nodes of the final evaluation on the whole test split.
 
 Runs are interleaved (repeat 1 of every system, then repeat 2, ...) so load drifts hit all systems
@@ -278,6 +280,7 @@ def run_one(opts: E2EOptions, system: str, repeat: int) -> dict[str, Any]:
             return [p.pid for p in swarm.processes]
 
         cpu.sample(pids())
+        at_ready = cpu.seconds_by_kind()
         finished = swarm.wait_finished(on_progress=lambda _progress: cpu.sample(pids()))
         cpu.sample(pids())
         done = time.time()
@@ -286,7 +289,8 @@ def run_one(opts: E2EOptions, system: str, repeat: int) -> dict[str, Any]:
         events = swarm.events()
     row = {"system": system, "repeat": repeat, "seed": seed, "all_finished": finished,
            "startup_s": round(ready - launched, 3), "wall_s": round(done - launched, 3),
-           "cpu_s": round(cpu.seconds, 2), "cpu_s_by_kind": cpu.seconds_by_kind(), "processes": cpu.processes,
+           "cpu_s": round(cpu.seconds, 2), "cpu_s_by_kind": cpu.seconds_by_kind(), "cpu_s_at_ready": at_ready,
+           "processes": cpu.processes,
            "load_1min_at_start": load,
            "out": str(swarm_opts.out)}
     row.update(summarize_run(events, nodes=opts.nodes, target=opts.target, t0=ready))

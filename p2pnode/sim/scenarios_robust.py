@@ -1,0 +1,132 @@
+"""The three robustness scenarios: ``monna``, ``sybilwall`` and ``bristle``.
+
+Each builds its cells (one swarm each, :class:`~p2pnode.sim.scenarios_common.SwarmPlan`), and turns the
+finished cells into table rows. The paper figures they are compared with are in
+:mod:`p2pnode.sim.scenarios_papers`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from p2pnode.sim.scenarios_common import SwarmPlan, run_swarm
+
+MONNA_ATTACKS = ("none", "alie", "ipm", "sign-flip", "label-flip")
+SYBIL_COUNTS = (1, 5, 15)
+QUICK_TRANSFER_TASK = "p2pnode.sim.scenarios_robust:quick_transfer_task"
+
+
+# -- monna ---------------------------------------------------------------------------------------------
+def monna_config(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"nodes": 6, "f": 1, "task": "digits", "rounds": 4, "local_steps": 10, "fanout": 5,
+                "partition": "dirichlet:1", "final_eval_samples": 500, "attacks": ("sign-flip",)}
+    return {"nodes": 26, "f": 5, "task": "fashion-mnist", "rounds": 15, "local_steps": 20, "fanout": 12,
+            "partition": "dirichlet:1", "final_eval_samples": 5000, "attacks": MONNA_ATTACKS}
+
+
+def monna_cells(cfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    """D-SGD (plain mean, no attacker) as the reference, then NNA with F = f under each attack."""
+    cells = [{"row": "D-SGD (mean), no attack", "attack": "none", "defense": "mean"}]
+    nna = f"nna:{cfg['f']}"
+    cells += [{"row": f"{nna}, {a}", "attack": a, "defense": nna} for a in cfg["attacks"]]
+    return [{**c, "cfg": cfg, "seed": seed} for c in cells]
+
+
+def monna_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    cfg = cell["cfg"]
+    byz = 0 if cell["attack"] == "none" else cfg["f"]
+    opts = {"nodes": cfg["nodes"], "byzantine": byz, "attack": "" if byz == 0 else cell["attack"],
+            "rounds": cfg["rounds"], "task": cfg["task"], "partition": cfg["partition"],
+            "fanout": cfg["fanout"], "local_steps": cfg["local_steps"], "defense": cell["defense"],
+            "seed": cell["seed"], "final_eval_samples": cfg["final_eval_samples"]}
+    return run_swarm(SwarmPlan(options=opts))
+
+
+# -- sybilwall -----------------------------------------------------------------------------------------
+def sybilwall_config(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"honest": 8, "task": "digits", "rounds": 3, "local_steps": 10, "fanout": 3, "radius": 0.6,
+                "max_degree": 4, "partition": "dirichlet:1", "final_eval_samples": 500,
+                "sybils": (2,), "defenses": ("mean", "sybilwall")}
+    return {"honest": 99, "task": "fashion-mnist", "rounds": 12, "local_steps": 5, "fanout": 4,
+            "radius": 0.2, "max_degree": 7, "partition": "dirichlet:0.1", "final_eval_samples": 1000,
+            "sybils": SYBIL_COUNTS, "defenses": ("mean", "sybilwall")}
+
+
+def sybil_topology(honest: int, sybils: int, radius: float, max_degree: int, seed: int) -> list[list[int]]:
+    """A random geometric graph on ``honest + 1`` positions (the last one the attacker's), max degree
+    ``max_degree``; each of the attacker's ``sybils`` identities (indices ``honest .. honest+sybils-1``)
+    takes the attacker position's edges to honest nodes (they are one machine in one place)."""
+    from p2pnode.sim.topology import random_geometric
+
+    base = random_geometric(honest + 1, radius, seed, max_degree=max_degree)
+    victims = [j for j in base[honest] if j < honest]
+    adj = [[j for j in base[i] if j < honest] for i in range(honest)]
+    for v in victims:
+        adj[v].extend(range(honest, honest + sybils))
+    adj += [list(victims) for _ in range(sybils)]
+    return adj
+
+
+def sybilwall_cells(cfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    cells = [{"row": f"{m} Sybil(s), {d}", "sybils": m, "defense": d} for m in cfg["sybils"]
+             for d in cfg["defenses"]]
+    return [{**c, "cfg": cfg, "seed": seed} for c in cells]
+
+
+def sybilwall_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    from p2pnode.sim.topology import components
+
+    cfg, m = cell["cfg"], cell["sybils"]
+    adj = sybil_topology(cfg["honest"], m, cfg["radius"], cfg["max_degree"], cell["seed"])
+    honest_adj = [[j for j in a if j < cfg["honest"]] for a in adj[:cfg["honest"]]]
+    opts = {"nodes": cfg["honest"] + m, "byzantine": m, "attack": "sybil", "rounds": cfg["rounds"],
+            "task": cfg["task"], "partition": cfg["partition"], "fanout": cfg["fanout"],
+            "local_steps": cfg["local_steps"], "defense": cell["defense"], "seed": cell["seed"],
+            "final_eval_samples": cfg["final_eval_samples"]}
+    extra = {"attack_edges": len(adj[cfg["honest"]]), "honest_max_degree": max(len(a) for a in honest_adj),
+             "honest_components": len(components(honest_adj))}
+    return run_swarm(SwarmPlan(options=opts, adjacency=adj, measure_targeted=(0, 1), extra=extra))
+
+
+# -- bristle -------------------------------------------------------------------------------------------
+def bristle_config(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"nodes": 6, "byzantine": 2, "task": QUICK_TRANSFER_TASK, "rounds": 4, "local_steps": 10,
+                "fanout": 4, "partition": "dirichlet:0.3", "final_eval_samples": 1000}
+    return {"nodes": 15, "byzantine": 5, "task": "fashion-mnist-transfer", "rounds": 40, "local_steps": 20,
+            "fanout": 10, "partition": "dirichlet:0.3", "final_eval_samples": 10_000}
+
+
+def bristle_cells(cfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    cells = [{"row": f"{d}, {'no attack' if byz == 0 else f'{byz} label flippers'}", "defense": d,
+              "byzantine": byz} for d in ("bristle", "mean") for byz in (0, cfg["byzantine"])]
+    return [{**c, "cfg": cfg, "seed": seed} for c in cells]
+
+
+def bristle_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    cfg, byz = cell["cfg"], cell["byzantine"]
+    opts = {"nodes": cfg["nodes"], "byzantine": byz, "attack": "label-flip" if byz else "",
+            "rounds": cfg["rounds"], "task": cfg["task"], "partition": cfg["partition"],
+            "fanout": cfg["fanout"], "local_steps": cfg["local_steps"], "defense": cell["defense"],
+            "seed": cell["seed"], "final_eval_samples": cfg["final_eval_samples"]}
+    return run_swarm(SwarmPlan(options=opts))
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Bristle: each attacked row's accuracy as a share of the same defense's no-attack accuracy."""
+    clean = {r["defense"]: r.get("honest_accuracy_mean") for r in rows if r["byzantine"] == 0}
+    for r in rows:
+        base = clean.get(r["defense"])
+        if r["byzantine"] and base and "honest_accuracy_mean" in r:
+            r["attack_over_no_attack"] = round(r["honest_accuracy_mean"] / base, 4)
+
+
+def quick_transfer_task(data_dir: str | None = None) -> Any:
+    """The ``fashion-mnist-transfer`` task with a small, fast pretraining recipe (one epoch, 16 features),
+    for the quick bristle run (Bristle merges only the output layer of a frozen-feature model). Used as
+    the plug-in task ``p2pnode.sim.scenarios_robust:quick_transfer_task``; cached like the full task."""
+    from p2pnode.tasks.transfer import FashionMnistTransferTask, PretrainRecipe
+
+    return FashionMnistTransferTask(data_dir, recipe=PretrainRecipe(epochs=1, batch_size=256, feature_dim=16))

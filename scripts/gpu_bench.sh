@@ -11,6 +11,7 @@
 #    /tmp/p2pnode-site (nothing is installed into the machine's own environment);
 # 4. runs the bench with --data-dir .gpu-bench/fashion-mnist, writing $OUT/bench-gpu.json and
 #    $OUT/bench-gpu.log when OUT is set, else runs/bench-gpu.json and runs/bench-gpu.log.
+# P2PNODE_GPU_BENCH=hotpaths runs `p2pnode bench hotpaths --rpc-seconds 0` instead (its CPU parts).
 # P2PNODE_GPU_BENCH_ALLOW_CPU=1 accepts a CPU torch too (to check this script where there is no GPU;
 # then pass small sizes, e.g. --device cpu --numel 200000 --rounds 6 --warmup-rounds 1).
 # Exit codes: the bench's (0 all sections ran, 1 a section failed: see "errors" in the JSON); 3 no
@@ -84,6 +85,15 @@ elif [ ! -d /usr/share/datasets/fashion-mnist ]; then
     say "no Fashion-MNIST here: the throughput section will fail (codecs and rules still run)"
 fi
 
+if [ "${P2PNODE_GPU_BENCH:-gpu}" = hotpaths ]; then
+    # the in-process parts of `bench hotpaths` on this machine's (quiet) CPU; no hivemind here, so no ping part
+    say "running: p2pnode bench hotpaths --rpc-seconds 0 $*"
+    "$PY" -m p2pnode bench hotpaths --rpc-seconds 0 --json "$DEST/bench-hotpaths.json" "$@" 2>&1 \
+        | tee "$DEST/bench-hotpaths.log"
+    status=${PIPESTATUS[0]}
+    say "exit status $status; results: $DEST/bench-hotpaths.json"
+    exit "$status"
+fi
 say "running: p2pnode bench gpu ${data[*]} $*"
 "$PY" -m p2pnode bench gpu --json "$DEST/bench-gpu.json" "${data[@]}" "$@" 2>&1 | tee "$DEST/bench-gpu.log"
 status=${PIPESTATUS[0]}

@@ -39,6 +39,7 @@ from p2pnode.sim import scenarios_robust as robust
 from p2pnode.sim import scenarios_topo as topo
 from p2pnode.sim.scenarios_common import run_cells
 from p2pnode.sim.scenarios_papers import PAPERS
+from p2pnode.sim.scenarios_plots import PLOTS
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class Scenario:
             out = Path(out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "scenario.json").write_text(json.dumps(result, indent=2) + "\n")
+            if self.name in PLOTS:
+                PLOTS[self.name](result, out / "scenario.png")
         return result
 
     def _post(self, cells: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]]:

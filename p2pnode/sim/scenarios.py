@@ -93,18 +93,36 @@ class Scenario:
         cfg = self.config(quick)
         workers = workers if workers is not None else (1 if quick else 2)
         cells = run_cells(self.cells(cfg, seed), self.cell, workers=workers, progress=progress)
-        summary_rows = self._post(cells, cfg)
-        rows = [self._row(c, cfg) for c in summary_rows]
-        result = {"scenario": self.name, "summary": self.summary, "quick": quick, "seed": seed,
-                  "config": _plain(cfg), "setting": self.setting, "rows": rows,
-                  "cells": [{k: v for k, v in c.items() if k != "cfg"} for c in cells]}
+        cells = [{k: v for k, v in c.items() if k != "cfg"} for c in cells]
+        result = self.result(cells, _plain(cfg), quick=quick, seed=seed)
         if out is not None:
-            out = Path(out)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "scenario.json").write_text(json.dumps(result, indent=2) + "\n")
-            if self.name in PLOTS:
-                PLOTS[self.name](result, out / "scenario.png")
+            self.write(result, Path(out))
         return result
+
+    def result(self, cells: list[dict[str, Any]], cfg: dict[str, Any], *, quick: bool,
+               seed: int) -> dict[str, Any]:
+        """The result dict (table rows with the paper's figures) from finished cells."""
+        rows = [self._row(c, quick) for c in self._post(cells, cfg)]
+        return {"scenario": self.name, "summary": self.summary, "quick": quick, "seed": seed, "config": cfg,
+                "setting": self._setting(quick), "rows": rows, "cells": cells}
+
+    def write(self, result: dict[str, Any], out: Path) -> None:
+        """``out/scenario.json`` and, for some scenarios, ``out/scenario.png``."""
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "scenario.json").write_text(json.dumps(result, indent=2) + "\n")
+        if self.name in PLOTS:
+            PLOTS[self.name](result, out / "scenario.png")
+
+    def rebuild(self, out: Path) -> dict[str, Any]:
+        """Recompute the rows (and plot) of a saved ``out/scenario.json`` from its cells, e.g. after the
+        paper figures were updated; the measured figures are not touched."""
+        saved = json.loads((out / "scenario.json").read_text())
+        result = self.result(saved["cells"], saved["config"], quick=saved["quick"], seed=saved["seed"])
+        self.write(result, out)
+        return result
+
+    def _setting(self, quick: bool) -> str:
+        return "quick (scaled-down) run for tests: see config" if quick else self.setting
 
     def _post(self, cells: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]]:
         if self.name == "vanishing-variance":
@@ -113,12 +131,12 @@ class Scenario:
             robust.add_ratios(cells)
         return cells
 
-    def _row(self, c: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    def _row(self, c: dict[str, Any], quick: bool) -> dict[str, Any]:
         paper = PAPERS[self.name](c["row"])
         ours = f"error: {c['error']}" if "error" in c else self.ours(c)
         figures = {k: v for k, v in c.items() if k not in ("cfg", "row")}
         return {"scenario": self.name, "row": c["row"], "ours": ours, "paper": paper.value,
-                "paper_source": paper.source, "paper_note": paper.note, "setting": self.setting,
+                "paper_source": paper.source, "paper_note": paper.note, "setting": self._setting(quick),
                 "figures": figures}
 
 
@@ -188,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write NAME/scenario.json and table.md here")
     parser.add_argument("--quick", action="store_true", help="the scaled-down runs the tests use")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rebuild", action="store_true",
+                        help="do not run: recompute rows, plots and table.md from OUT/NAME/scenario.json")
     parser.add_argument("--workers", type=int, default=None,
                         help="cells run in this many processes (default: 1 with --quick, else 2)")
     args = parser.parse_args(argv)
@@ -196,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not names:
         parser.error(f"give --all or scenario names from: {', '.join(SCENARIOS)} (unknown: {unknown})")
     logging.basicConfig(level=logging.WARNING)
+    if args.rebuild:
+        if args.out is None:
+            parser.error("--rebuild needs --out")
+        results = [SCENARIOS[n].rebuild(args.out / n) for n in names]
+        (args.out / "table.md").write_text(markdown_table(results))
+        print(markdown_table(results))
+        return 0
     results = run_all(names, args.out, seed=args.seed, quick=args.quick, workers=args.workers,
                       progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(markdown_table(results))

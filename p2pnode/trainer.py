@@ -27,7 +27,7 @@ from p2pnode.tasks.base import TaskData
 
 logger = logging.getLogger(__name__)
 
-_EVAL_BATCH = 1024
+_EVAL_BATCH = 256  # with channels-last CNNs on one CPU thread, faster than 1,024 (see channels_last_helps)
 _DEVICE_ALLOWED = "auto | cpu | cuda | cuda:N"
 
 
@@ -95,6 +95,18 @@ def spec_fingerprint(model: nn.Module) -> bytes:
     for k, v in _float_entries(model):
         h.update(f"{k}|{tuple(v.shape)}|{v.dtype}\n".encode())
     return h.digest()
+
+
+def channels_last_helps(model: nn.Module, device: torch.device) -> bool:
+    """True for a model with convolution weights (4-D parameters) on the CPU.
+
+    There torch's channels-last kernels are much faster: measured with ``py-spy`` on a fashion-mnist node,
+    the evaluation took 61% of its CPU time and max-pooling alone 36%; with channels-last weights a
+    training step of the CNN (batch 32, one thread) takes 6.5 ms instead of 9.3 ms and a 2,000-image
+    evaluation 129 ms instead of 494 ms (with 256-image batches instead of 1,024). The flat vector is the
+    same either way: it is built from the tensors' logical order (``reshape``), not their memory.
+    """
+    return device.type == "cpu" and any(p.dim() == 4 for p in model.parameters())
 
 
 @torch.no_grad()
@@ -170,6 +182,8 @@ class LocalTrainer:
             raise ConfigError("val_fraction", val_fraction, "0 <= val_fraction < 1")
         self.device = device
         self.model = model.to(device).train()
+        if channels_last_helps(self.model, device):
+            self.model = self.model.to(memory_format=torch.channels_last)
         self._eval_model = copy.deepcopy(self.model).eval()
         self.num_classes = data.num_classes
         self.class_counts = torch.bincount(data.train_y, minlength=data.num_classes)  # whole shard, (C,)

@@ -1,5 +1,5 @@
-"""Command line of the daemon: ``p2pnode run | swarm | init | keygen | peer-id | report | monitor | control
-| bench``.
+"""Command line of the daemon: ``p2pnode run | swarm | simulate | init | keygen | peer-id | report | monitor
+| control | bench``.
 
 The flags of ``run`` are generated from the :class:`~p2pnode.config.NodeConfig` tree and those of
 ``swarm`` from :class:`~p2pnode.swarm.SwarmOptions`, so TOML keys, flags and ``--help`` text come
@@ -260,9 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     from p2pnode.cli_bench import add_bench
     from p2pnode.cli_ops import add_ops_commands
     from p2pnode.cli_report import add_report
+    from p2pnode.sim.cli import add_simulate
 
     add_bench(sub)
     add_report(sub)
+    add_simulate(sub)
     add_ops_commands(sub)
     return parser
 
@@ -406,6 +408,12 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     return cmd_bench(ns)
 
 
+def _cmd_simulate(ns: argparse.Namespace) -> int:
+    from p2pnode.sim.cli import cmd_simulate
+
+    return cmd_simulate(ns)
+
+
 def _cmd_report(ns: argparse.Namespace) -> int:
     from p2pnode.cli_report import cmd_report
 
@@ -415,6 +423,7 @@ def _cmd_report(ns: argparse.Namespace) -> int:
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run, "swarm": _cmd_swarm, "init": _cmd_init, "keygen": _cmd_keygen, "peer-id": _cmd_peer_id,
     "bench": _cmd_bench, "report": _cmd_report, "monitor": _cmd_monitor, "control": _cmd_control,
+    "simulate": _cmd_simulate,
 }
 
 

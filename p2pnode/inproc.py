@@ -28,7 +28,7 @@ import torch
 from defenses import make_aggregator
 from p2pnode.config import AttackConfig, GossipConfig, NodeConfig, SpsaConfig, TaskConfig
 from p2pnode.identity import Identity
-from p2pnode.node import Node, build_extension, model_layers, validation_fraction
+from p2pnode.node import Node, PeerView, build_extension, model_layers, validation_fraction
 from p2pnode.report import plot_accuracy
 from p2pnode.tasks import ShardSpec, make_task
 from p2pnode.trainer import LocalTrainer, resolve_device
@@ -105,9 +105,10 @@ class FullView:
             ready.set()
 
 
-def _node_config(opts: InprocOptions, i: int) -> NodeConfig:
+def node_config(opts: InprocOptions, i: int) -> NodeConfig:
+    """Node i's configuration in a run of ``opts`` (the simulator builds its nodes from it too)."""
     byz = i >= opts.nodes - opts.byzantine
-    shard = _shard(opts, i)
+    shard = shard_spec(opts, i)
     task = TaskConfig(name=opts.task, data_dir=opts.data_dir, partition=opts.partition, shard=shard.index,
                       num_shards=shard.count, batch_size=opts.batch_size, lr=opts.lr,
                       local_steps=opts.local_steps, eval_every=opts.eval_every or 10**9,
@@ -122,8 +123,9 @@ def _node_config(opts: InprocOptions, i: int) -> NodeConfig:
     return cfg
 
 
-def _default_factory(config: NodeConfig, identity: Identity, trainer: LocalTrainer,
-                     transport: MemoryTransport, view: FullView) -> Node:
+def default_factory(config: NodeConfig, identity: Identity, trainer: LocalTrainer,
+                    transport: MemoryTransport, view: PeerView) -> Node:
+    """The daemon's node for ``config``: honest or Byzantine gossip, SPSA or increments mode."""
     from p2pnode.byzantine import make_node
 
     if config.gossip.mode == "spsa":
@@ -140,7 +142,7 @@ def _default_factory(config: NodeConfig, identity: Identity, trainer: LocalTrain
                      extension=build_extension(config, identity, trainer))
 
 
-def _shard(opts: InprocOptions, i: int) -> ShardSpec:
+def shard_spec(opts: InprocOptions, i: int) -> ShardSpec:
     """Node i's shard. Sybil identities are one attacker: they all train on the attacker's single shard."""
     honest = opts.nodes - opts.byzantine
     if opts.attack.startswith("sybil") and opts.byzantine:
@@ -150,19 +152,22 @@ def _shard(opts: InprocOptions, i: int) -> ShardSpec:
 
 def _build_trainer(opts: InprocOptions, cfg: NodeConfig, i: int) -> LocalTrainer:
     task = make_task(opts.task, opts.data_dir)
-    data = task.load(_shard(opts, i))
+    data = task.load(shard_spec(opts, i))
     init_seed = opts.seed * 1000 + i if opts.independent_init else opts.seed
     t = cfg.task
-    shard = _shard(opts, i).index  # Sybil identities share the attacker's shard and batch order
+    shard = shard_spec(opts, i).index  # Sybil identities share the attacker's shard and batch order
     return LocalTrainer(task.build_model(init_seed), data, lr=t.lr, momentum=t.momentum,
                         batch_size=t.batch_size, device=resolve_device(opts.device),
                         seed=opts.seed * 100_003 + shard, val_fraction=validation_fraction(cfg))
 
 
+_node_config, _shard, _default_factory = node_config, shard_spec, default_factory  # the former names
+
+
 class InprocSwarm:
     """Builds the nodes of an :class:`InprocOptions` run and drives them round by round."""
 
-    def __init__(self, opts: InprocOptions, *, factory: NodeFactory = _default_factory) -> None:
+    def __init__(self, opts: InprocOptions, *, factory: NodeFactory = default_factory) -> None:
         self.opts = opts
         self.network = MemoryNetwork()
         self.registry: dict[str, MembershipRecord] = {}
@@ -173,7 +178,7 @@ class InprocSwarm:
         allies = ([ident.peer_id for ident in identities[opts.nodes - opts.byzantine:]]
                   if opts.attack.startswith("sybil") else [])
         for i, identity in enumerate(identities):
-            cfg = _node_config(opts, i)
+            cfg = node_config(opts, i)
             if cfg.attack.name:
                 cfg.attack.allies = list(allies)
             trainer = _build_trainer(opts, cfg, i)
@@ -228,7 +233,7 @@ def summarize(opts: InprocOptions, results: list[dict[str, Any]], wall_time_s: f
             "runner": "inproc"}
 
 
-def run_inproc(opts: InprocOptions, *, factory: NodeFactory = _default_factory,
+def run_inproc(opts: InprocOptions, *, factory: NodeFactory = default_factory,
                progress: Callable[[int], None] | None = None,
                measure: Callable[[InprocSwarm], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run one in-process swarm and return its summary (also written under ``opts.out`` if set).

@@ -183,7 +183,7 @@ class LocalTrainer:
         self.device = device
         self.model = model.to(device).train()
         if channels_last_helps(self.model, device):
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._eval_model = copy.deepcopy(self.model).eval()
         self.num_classes = data.num_classes
         self.class_counts = torch.bincount(data.train_y, minlength=data.num_classes)  # whole shard, (C,)

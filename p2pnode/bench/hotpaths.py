@@ -205,6 +205,8 @@ def format_report(result: dict[str, Any]) -> str:
     if rpc:
         lines += ["", f"ping round trips to a node training flat out ({rpc['task']}): {rpc['answered']} of "
                       f"{rpc['sent']} answered; p50 {rpc['p50_ms']:.1f} ms, p99 {rpc['p99_ms']:.1f} ms, "
-                      f"max {rpc['max_ms']:.1f} ms; the node made {rpc['rounds_during']} rounds meanwhile"]
+                      f"max {rpc['max_ms']:.1f} ms; the node made {rpc['rounds_during']} rounds meanwhile",
+                  f"the same pings to the idle target (the floor): p50 {rpc['idle']['p50_ms']:.1f} ms, "
+                  f"p99 {rpc['idle']['p99_ms']:.1f} ms, max {rpc['idle']['max_ms']:.1f} ms"]
     lines += ["", "checks: " + json.dumps(result["checks"])]
     return "\n".join(lines)

@@ -1,10 +1,11 @@
 """Small-RPC latency of a node that trains flat out: the ping part of ``p2pnode bench hotpaths``.
 
 Two ``p2pnode run`` processes (a target and one peer, so the target also exchanges models every round)
-train without pause; this process is a libp2p host of its own that sends the target a signed ``ping``
-at a fixed rate over the node's own stream protocol and times each round trip to the signed ``pong``.
-The target's event loop answers while its training thread runs, so the figure shows how long the loop
-waits for the interpreter (GIL), the CPU and the exchange work of the round.
+train without pause. This process is a libp2p host of its own that sends the target a signed ``ping``
+at a fixed rate over the node's own stream protocol and times each round trip to the signed ``pong``:
+first while the target idles, waiting for its peer (the floor of transport and daemons), then while
+both train. The target's event loop answers while its training thread runs, so the second figure adds
+how long the loop waits for the interpreter (GIL), the CPU and the exchange work of the round.
 """
 
 from __future__ import annotations
@@ -105,6 +106,11 @@ def run_rpc_latency(*, seconds: float = 30.0, rate: float = 20.0, task: str = "f
         deadline = time.monotonic() + start_timeout_s
         nodes.append(_start("target", out, swarm, task, shard=0, initial_peer=None))
         info = _wait("ready", nodes[0], deadline, lambda: _ready_file(nodes[0]))
+        # first the floor: the same pings while the target idles, waiting for its peer (--wait-peers 1)
+        idle_s = min(10.0, seconds / 3)
+        progress(f"pinging the idle target for {idle_s:g} s (the transport's own latency)")
+        idle = asyncio.run(ping_loop(info["peer_id"], info["maddrs"], swarm=swarm, seconds=idle_s, rate=rate,
+                                     key_dir=out))
         nodes.append(_start("peer", out, swarm, task, shard=1, initial_peer=info["maddrs"][0]))
         _wait("training with its peer", nodes[0], deadline, lambda: _training_with_peer(nodes[0]))
         progress(f"pinging {info['peer_id']} at {rate:g}/s for {seconds:g} s while it trains ({task})")
@@ -117,9 +123,16 @@ def run_rpc_latency(*, seconds: float = 30.0, rate: float = 20.0, task: str = "f
             node.stop()
     times = pings.pop("times_s")
     ms = [1e3 * t for t in times]
-    return {**pings, "task": task, "seconds": seconds, "rate": rate, "out": str(out),
+    idle_ms = [1e3 * t for t in idle.pop("times_s")]
+    return {**pings, "idle": {**idle, **_stats(idle_ms)}, "task": task, "seconds": seconds, "rate": rate,
+            "out": str(out),
             "rounds_during": len(rounds),
             "round_s_median": statistics.median([b["t"] - a["t"] for a, b in zip(rounds, rounds[1:])])
             if len(rounds) > 2 else None,
-            "p50_ms": statistics.median(ms) if ms else None, "p99_ms": _quantile(ms, 0.99) if ms else None,
-            "max_ms": max(ms) if ms else None}
+            **_stats(ms)}
+
+
+def _stats(ms: list[float]) -> dict[str, float | None]:
+    if not ms:
+        return {"p50_ms": None, "p99_ms": None, "max_ms": None}
+    return {"p50_ms": statistics.median(ms), "p99_ms": _quantile(ms, 0.99), "max_ms": max(ms)}

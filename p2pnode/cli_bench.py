@@ -226,6 +226,11 @@ def add_gpu_bench(which: Any) -> None:
                    help=f"elements of the codec vector and of each rule input (default {g.numel:,})")
     p.add_argument("--codecs", type=_csv(str), default=g.codecs,
                    help="codecs (default: " + ",".join(g.codecs) + ")")
+    p.add_argument("--schedule", choices=("free", "lockstep"), default=g.schedule,
+                   help="free: each node runs its own round loop, as separate daemons do; lockstep: round "
+                        f"r+1 starts when every node has finished round r (default {g.schedule})")
+    p.add_argument("--sections", type=_csv(str), default=g.sections,
+                   help="what to run (default " + ",".join(g.sections) + ")")
     p.add_argument("--json", type=Path, default=g.json_path, help=f"results file (default {g.json_path})")
 
 
@@ -385,7 +390,7 @@ def run_gpu_bench_cli(ns: argparse.Namespace) -> int:
 
     try:
         names = ("device", "nodes", "rounds", "warmup_rounds", "local_steps", "fanout", "trials", "task",
-                 "data_dir", "repeats", "numel", "codecs")
+                 "data_dir", "repeats", "numel", "codecs", "schedule", "sections")
         opts = GpuBenchOptions(**{n: getattr(ns, n) for n in names}, json_path=ns.json)
     except ValueError as exc:
         print(f"p2pnode bench gpu: {exc}", file=sys.stderr)

@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 
 RESNET50_NUMEL = 25_557_032
 CODECS = ("dense", "fp16", "bf16", "int8", "topk:0.01", "topk:0.001", "powersgd:2", "terngrad")
-TIMED = ("throughput: steps/s per node = local_steps / median round wall time (all nodes' run_round, "
+TIMED = ("throughput: steps/s per node = local_steps / median round wall time (schedule free: each "
+         "node's rounds, end to end, every node running its own loop; lockstep: all nodes' run_round, "
          "gather to gather), train-only = local_steps / median wall time of one local_training call "
          "(ends with the loss's .item(), so device work is done); rounds 1..warmup_rounds and the last "
          "round excluded, medians over the remaining rounds of all trials; off = fanout 0 (no exchange), "
@@ -83,6 +84,10 @@ class GpuBenchOptions:
     inputs: int = 16
     codecs: tuple[str, ...] = CODECS
     seed: int = 0
+    # free: every node runs its own round loop, as daemons do; lockstep: round r+1 starts when every node
+    # has finished round r (the in-process swarm's schedule), so each round waits for the slowest exchange
+    schedule: str = "free"
+    sections: tuple[str, ...] = ("throughput", "codecs", "rules")
     json_path: Path = field(default_factory=lambda: Path("runs/bench-gpu.json"))
 
     def __post_init__(self) -> None:
@@ -91,6 +96,10 @@ class GpuBenchOptions:
         if self.warmup_rounds < 1 or self.rounds < self.warmup_rounds + 3:
             raise ValueError(f"need warmup_rounds >= 1 and rounds >= warmup_rounds + 3 (two timed rounds), "
                              f"got {self.rounds} and {self.warmup_rounds}")
+        if self.schedule not in ("free", "lockstep"):
+            raise ValueError(f"schedule must be free or lockstep, got {self.schedule!r}")
+        if not set(self.sections) <= {"throughput", "codecs", "rules"}:
+            raise ValueError(f"sections must be among throughput, codecs, rules; got {self.sections}")
         if min(self.local_steps, self.trials, self.repeats) < 1 or self.numel < 4096 or self.inputs < 9:
             raise ValueError("need local_steps, trials, repeats >= 1, numel >= 4096 and inputs >= 9")
 
@@ -102,6 +111,7 @@ class TimedNode(Node):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.train_spans: list[tuple[float, float]] = []
+        self.round_ends: list[float] = []  # round_ends[r - 1]: when this node finished round r
 
     def local_training(self, steps: int) -> float:
         start = time.perf_counter()
@@ -123,22 +133,54 @@ def run_swarm_timed(opts: GpuBenchOptions, device: str, *, gossip: bool) -> dict
                         fanout=opts.fanout if gossip else 0, overlap=gossip, local_steps=opts.local_steps,
                         batch_size=opts.batch_size, device=device, seed=opts.seed, final_eval_samples=256)
     swarm = InprocSwarm(run, factory=_timed_factory)
-    ends: list[float] = []  # ends[r - 1]: when round r finished on every node
-    results = asyncio.run(swarm.run(lambda r: ends.append(time.perf_counter())))
     w, last = opts.warmup_rounds, opts.rounds
-    round_s = [ends[r - 1] - ends[r - 2] for r in range(w + 1, last)]  # rounds w+1 .. last-1
-    window = (ends[w - 1], ends[last - 2])
-    spans = [span for node in swarm.nodes if isinstance(node, TimedNode) for span in node.train_spans]
-    train_s = [b - a for a, b in spans if a >= window[0] and b <= window[1]]
-    steady = [row for row in swarm.rows if row["event"] == "round" and w < row["round"] < last]
-    out = {"mode": "on" if gossip else "off", "fanout": run.fanout, "overlap": run.overlap,
-           "round_s": round_s, "train_s": train_s,
-           "pulled_per_round": statistics.fmean(row["pulled"] for row in steady),
+    nodes = [node for node in swarm.nodes if isinstance(node, TimedNode)]
+    if opts.schedule == "lockstep":
+        ends: list[float] = []  # ends[r - 1]: when round r finished on every node
+        results = asyncio.run(swarm.run(lambda r: ends.append(time.perf_counter())))
+        for node in nodes:
+            node.round_ends = list(ends)
+        steady = [row for row in swarm.rows if row["event"] == "round" and w < row["round"] < last]
+        pulled = statistics.fmean(row["pulled"] for row in steady)
+    else:
+        results, pulled = asyncio.run(_run_free(swarm, nodes, w, last))
+    round_s, train_s = [], []
+    for node in nodes:  # rounds w+1 .. last-1 of each node, and the training calls inside them
+        ends = node.round_ends
+        round_s += [ends[r - 1] - ends[r - 2] for r in range(w + 1, last)]
+        window = (ends[w - 1], ends[last - 2])
+        train_s += [b - a for a, b in node.train_spans if a >= window[0] and b <= window[1]]
+    out = {"mode": "on" if gossip else "off", "schedule": opts.schedule, "fanout": run.fanout,
+           "overlap": run.overlap, "round_s": round_s, "train_s": train_s, "pulled_per_round": pulled,
            "bytes_sent_per_node_round": statistics.fmean(r["bytes_sent"] for r in results) / opts.rounds,
            "test_accuracy_mean": statistics.fmean(r["test_accuracy"] for r in results)}
     del swarm
     _free(device)
     return out
+
+
+async def _run_free(swarm: Any, nodes: list[TimedNode], warmup: int, last: int) -> tuple[list[dict[str, Any]],
+                                                                                         float]:
+    """Every node runs its own ``opts.rounds`` rounds concurrently (no barrier between rounds), as
+    separate daemons would; a node that is done keeps answering until all are. Final results (256
+    test samples) and the mean models pulled per steady round."""
+    for node in swarm.nodes:
+        await node.transport.start(node.serve)
+    pulled: list[int] = []
+
+    async def loop(node: TimedNode) -> None:
+        while node.round < last:
+            report = await node.run_round()
+            node.round_ends.append(time.perf_counter())
+            if warmup < report.round < last:
+                pulled.append(report.pulled)
+
+    await asyncio.gather(*(loop(node) for node in nodes))
+    results = []
+    for node in swarm.nodes:
+        accuracy, _ = await asyncio.to_thread(node.trainer.evaluate, 256)
+        results.append({**node.counters(), "test_accuracy": accuracy})
+    return results, statistics.fmean(pulled) if pulled else 0.0
 
 
 def _mode_summary(runs: list[dict[str, Any]], local_steps: int) -> dict[str, Any]:
@@ -235,6 +277,8 @@ def run_gpu_bench(opts: GpuBenchOptions,
     sections: dict[str, Callable[..., dict[str, Any]]] = {
         "throughput": bench_throughput, "codecs": bench_codecs_on, "rules": bench_rules_on}
     for name, section in sections.items():
+        if name not in opts.sections:
+            continue
         start = time.perf_counter()
         try:
             data[name] = section(opts, device, progress)

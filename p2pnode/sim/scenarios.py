@@ -148,8 +148,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("monna", "MoNNA/NNA: n=26, f=5, Dirichlet(1); ALIE, FOE/IPM, sign flip, label flip",
              robust.monna_config, robust.monna_cells, robust.monna_cell, _ours_monna,
              "fashion-mnist instead of MNIST; every node sees all others and exchanges with 12 random "
-             "peers per round (pull + push, so most of the 25 others reach it); H = 20 local SGD steps "
-             "(heavy-ball momentum 0.9, lr 0.05) per round instead of one Polyak-momentum step; 15 rounds; "
+             "peers per round (pull + push, so most of the 25 others reach it); H = 10 local SGD steps "
+             "(heavy-ball momentum 0.9, lr 0.05) per round instead of one Polyak-momentum step; 12 rounds; "
              "NNA with F = 5"),
     Scenario("sybilwall", "SybilWall: 99 honest on a geometric graph (degree <= 7), 1-15 Sybils, 0->1 flip",
              robust.sybilwall_config, robust.sybilwall_cells, robust.sybilwall_cell, _ours_sybil,
@@ -169,7 +169,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("disaster", "Barabasi-Albert graph: drop central vs random vs data-less relay nodes",
              topo.disaster_config, topo.disaster_cells, topo.disaster_cell, _ours_disaster,
              "fashion-mnist iid over all 50 nodes (relays' shards unused); BA m = 2; 5 nodes (10%) removed "
-             "after round 5 of 15; fanout 3 of the neighbours, H = 10; accuracy of the data nodes left"),
+             "after round 4 of 12; fanout 3 of the neighbours, H = 5; accuracy of the data nodes left"),
 )}
 
 

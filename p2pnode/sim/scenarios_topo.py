@@ -131,8 +131,8 @@ def disaster_config(quick: bool) -> dict[str, Any]:
     if quick:
         return {"nodes": 10, "m": 2, "remove": 2, "remove_after": 2, "task": "digits", "rounds": 4,
                 "local_steps": 10, "fanout": 2, "final_eval_samples": 500}
-    return {"nodes": 50, "m": 2, "remove": 5, "remove_after": 5, "task": "fashion-mnist", "rounds": 15,
-            "local_steps": 10, "fanout": 3, "final_eval_samples": 2000}
+    return {"nodes": 50, "m": 2, "remove": 5, "remove_after": 4, "task": "fashion-mnist", "rounds": 12,
+            "local_steps": 5, "fanout": 3, "final_eval_samples": 2000}
 
 
 DISASTER_ROWS = {  # row -> (who is removed, central nodes are data-less relays)

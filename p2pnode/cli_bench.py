@@ -420,6 +420,8 @@ def add_hotpaths_bench(which: Any) -> None:
     p.add_argument("--threads", type=int, default=h.threads, help=f"torch threads (default {h.threads})")
     p.add_argument("--codecs", type=_csv(str), default=h.codecs,
                    help="codecs (default " + ",".join(h.codecs) + ")")
+    p.add_argument("--parts", type=_csv(str), default=h.parts,
+                   help="what to measure (default " + ",".join(h.parts) + ")")
     p.add_argument("--no-merge-rules", dest="merge_rules", action="store_false",
                    help="skip the merge rules (they need n × d × 4 bytes and more)")
     p.add_argument("--rpc-seconds", type=float, default=h.rpc_seconds,
@@ -435,7 +437,8 @@ def add_hotpaths_bench(which: Any) -> None:
 def run_hotpaths_bench_cli(ns: argparse.Namespace) -> int:
     from p2pnode.bench.hotpaths import HotpathOptions, format_report, run_hotpath_bench
 
-    names = ("d", "n", "repeats", "threads", "codecs", "merge_rules", "rpc_seconds", "rpc_rate", "rpc_task")
+    names = ("d", "n", "repeats", "threads", "codecs", "merge_rules", "rpc_seconds", "rpc_rate", "rpc_task",
+             "parts")
     try:
         opts = HotpathOptions(**{n: getattr(ns, n) for n in names}, out_dir=ns.out_dir, json_path=ns.json)
     except ValueError as exc:

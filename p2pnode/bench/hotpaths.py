@@ -51,11 +51,14 @@ class HotpathOptions:
     out_dir: Path = Path("runs/bench-hotpaths")
     json_path: Path | None = Path("runs/bench-hotpaths.json")
     merge_rules: bool = True  # time the merge rules (needs n × d × 4 bytes plus working memory)
+    parts: tuple[str, ...] = ("codecs", "merge", "envelopes", "rpc")  # what runs (rpc needs rpc_seconds > 0)
 
     def __post_init__(self) -> None:
         if self.d < 1 or self.n < 9 or self.repeats < 1 or self.threads < 1:
             raise ValueError(f"need d >= 1, n >= 9 (F = 3), repeats >= 1, threads >= 1; got {self.d}, "
                              f"{self.n}, {self.repeats}, {self.threads}")
+        if not set(self.parts) <= {"codecs", "merge", "envelopes", "rpc"}:
+            raise ValueError(f"parts must be among codecs, merge, envelopes, rpc; got {self.parts}")
         if self.rpc_seconds < 0 or self.rpc_rate <= 0:
             raise ValueError(f"rpc_seconds must be >= 0 and rpc_rate > 0, got {self.rpc_seconds}, "
                              f"{self.rpc_rate}")
@@ -124,23 +127,26 @@ def run_hotpath_bench(opts: HotpathOptions, *,
     old_threads = torch.get_num_threads()
     torch.set_num_threads(opts.threads)
     try:
-        progress("clone() bandwidth")
-        clones = [clone_bandwidth_gbs(opts.d, opts.repeats)]
-        progress("codecs")
-        codecs = codec_rows(opts, progress)
-        clones.append(clone_bandwidth_gbs(opts.d, opts.repeats))
-        clone_gbs = statistics.median(clones)
+        clones: list[float] = []
+        codecs: list[dict[str, Any]] = []
+        if "codecs" in opts.parts:
+            progress("clone() bandwidth")
+            clones.append(clone_bandwidth_gbs(opts.d, opts.repeats))
+            progress("codecs")
+            codecs = codec_rows(opts, progress)
+            clones.append(clone_bandwidth_gbs(opts.d, opts.repeats))
+        clone_gbs = statistics.median(clones) if clones else None
         for row in codecs:  # against the median of the two clone measurements around them
             row["encode_vs_clone"] = row["encode_gbs"] / clone_gbs
             row["decode_vs_clone"] = row["decode_gbs"] / clone_gbs
-        merges = merge_rows(opts, progress) if opts.merge_rules else []
+        merges = merge_rows(opts, progress) if opts.merge_rules and "merge" in opts.parts else []
         progress("envelopes")
-        envelopes = envelope_rows(opts)
+        envelopes = envelope_rows(opts) if "envelopes" in opts.parts else []
         machine = machine_info()
     finally:
         torch.set_num_threads(old_threads)
     rpc = None
-    if opts.rpc_seconds > 0:
+    if opts.rpc_seconds > 0 and "rpc" in opts.parts:
         from p2pnode.bench.rpc_latency import run_rpc_latency
 
         rpc = run_rpc_latency(seconds=opts.rpc_seconds, rate=opts.rpc_rate, task=opts.rpc_task,
@@ -178,10 +184,12 @@ def checks(codecs: Sequence[dict[str, Any]], merges: Sequence[dict[str, Any]],
 
 def format_report(result: dict[str, Any]) -> str:
     """The tables of one run, as Markdown."""
-    lines = [f"clone() of {result['options']['d']:,} fp32: {result['clone_gbs']:.2f} GB/s "
-             f"(runs {', '.join(f'{g:.2f}' for g in result['clone_gbs_runs'])})", "",
-             "| codec | bytes | encode GB/s | × clone | decode GB/s | × clone |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = []
+    if result["codecs"]:
+        lines += [f"clone() of {result['options']['d']:,} fp32: {result['clone_gbs']:.2f} GB/s "
+                  f"(runs {', '.join(f'{g:.2f}' for g in result['clone_gbs_runs'])})", "",
+                  "| codec | bytes | encode GB/s | × clone | decode GB/s | × clone |",
+                  "|---|---:|---:|---:|---:|---:|"]
     for r in result["codecs"]:
         lines.append(f"| {r['codec']} | {r['bytes']:,} | {r['encode_gbs']:.2f} | "
                      f"{r['encode_vs_clone']:.2f} | {r['decode_gbs']:.2f} | {r['decode_vs_clone']:.2f} |")
@@ -193,7 +201,8 @@ def format_report(result: dict[str, Any]) -> str:
                 continue
             lines.append(f"| {r['rule']} | {r['median_s']:.3f} s | {r['vs_nna_floor']:.2f} | "
                          f"{r['vs_cdist_mean']:.3f} |")
-    lines += ["", "| envelope payload | seal | open | SHA-512 of the payload |", "|---:|---:|---:|---:|"]
+    if result["envelopes"]:
+        lines += ["", "| envelope payload | seal | open | SHA-512 of the payload |", "|---:|---:|---:|---:|"]
     for r in result["envelopes"]:
         if r["payload_mb"]:
             lines.append(f"| {r['payload_mb']:g} MB | {r['seal_ms_per_mb']:.2f} ms/MB | "

@@ -56,7 +56,7 @@ def test_bench_gpu_on_cpu_reports_every_figure_without_hivemind(tmp_path: Path) 
         figures = tp[mode]
         assert _positive(figures["steps_per_s_per_node"]), figures
         assert _positive(figures["train_steps_per_s_per_node"]), figures
-        assert figures["rounds_timed"] == 2 * 3, "each node's rounds 2..4: the warm-up and the last one left out"
+        assert figures["rounds_timed"] == 2 * 3, "each node's rounds 2..4 (warm-up and last round left out)"
         assert figures["train_calls_timed"] >= 2
     assert tp["off"]["pulled_per_round"] == 0
     assert tp["off"]["bytes_sent_per_node_round"] == 0, "gossip off exchanges nothing"

@@ -261,10 +261,13 @@ def add_e2e_bench(which: Any) -> None:
                         "(default: " + ",".join(e.systems) + ")")
     p.add_argument("--out-dir", type=Path, default=e.out_dir, help=f"swarm outputs (default {e.out_dir})")
     p.add_argument("--json", type=Path, default=e.json_path, help=f"results file (default {e.json_path})")
+    p.add_argument("--reanalyze", action="store_true",
+                   help="recompute --json from its runs' metrics files (e.g. with another --target), running "
+                        "nothing")
 
 
 def run_e2e_bench_cli(ns: argparse.Namespace) -> int:
-    from p2pnode.bench.e2e import E2EOptions, format_table, run_e2e_bench
+    from p2pnode.bench.e2e import E2EOptions, format_table, reanalyze, run_e2e_bench
 
     names = ("nodes", "rounds", "local_steps", "fanout", "repeats", "seed", "eval_samples", "task", "target",
              "matchmaking_s", "systems")
@@ -278,7 +281,7 @@ def run_e2e_bench_cli(ns: argparse.Namespace) -> int:
         brief = {k: v for k, v in row.items() if k != "curve"}
         print(json.dumps(brief), file=sys.stderr, flush=True)
 
-    data = run_e2e_bench(opts, on_run=progress)
+    data = reanalyze(opts) if ns.reanalyze else run_e2e_bench(opts, on_run=progress)
     print(format_table(data))
     print(f"results: {ns.json}")
     return 0
@@ -428,6 +431,8 @@ def add_hotpaths_bench(which: Any) -> None:
                    help=f"how long to ping a training node (0 = skip; default {h.rpc_seconds:g})")
     p.add_argument("--rpc-rate", type=float, default=h.rpc_rate,
                    help=f"pings per second (default {h.rpc_rate:g})")
+    p.add_argument("--rpc-worker-nice", type=int, default=None,
+                   help="the pinged nodes' --worker-nice (default: the nodes' own default)")
     p.add_argument("--rpc-task", default=h.rpc_task,
                    help=f"what the pinged node trains (default {h.rpc_task})")
     p.add_argument("--out-dir", type=Path, default=h.out_dir, help=f"node outputs (default {h.out_dir})")
@@ -438,7 +443,7 @@ def run_hotpaths_bench_cli(ns: argparse.Namespace) -> int:
     from p2pnode.bench.hotpaths import HotpathOptions, format_report, run_hotpath_bench
 
     names = ("d", "n", "repeats", "threads", "codecs", "merge_rules", "rpc_seconds", "rpc_rate", "rpc_task",
-             "parts")
+             "parts", "rpc_worker_nice")
     try:
         opts = HotpathOptions(**{n: getattr(ns, n) for n in names}, out_dir=ns.out_dir, json_path=ns.json)
     except ValueError as exc:

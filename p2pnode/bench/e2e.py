@@ -210,6 +210,24 @@ def first_reaching(curve: Sequence[dict[str, Any]], target: float) -> dict[str, 
     return next((p for p in curve if p["accuracy"] >= target), None)
 
 
+def time_to_target_latest(events: Iterable[dict[str, Any]], *, nodes: int, target: float,
+                          t0: float) -> float | None:
+    """The first time (minus ``t0``) at which the mean over nodes of each node's latest held-out accuracy
+    is >= ``target`` (every node evaluated at least once); None if never.
+
+    The round-based time of :func:`accuracy_curve` waits for the slowest node to finish the round;
+    this one reads the swarm as it stands at each moment, which differs when nodes run rounds freely
+    (p2pnode) rather than in lock-step (an all-reduce).
+    """
+    latest: dict[int, float] = {}
+    rows = [ev for ev in events if ev.get("event") == "round" and ev.get("test_accuracy") is not None]
+    for ev in sorted(rows, key=lambda e: float(e["t"])):
+        latest[int(ev["node"])] = float(ev["test_accuracy"])
+        if len(latest) >= nodes and sum(latest.values()) / len(latest) >= target:
+            return round(float(ev["t"]) - t0, 3)
+    return None
+
+
 def round_timing(events: Iterable[dict[str, Any]]) -> dict[str, float | None]:
     """Median time between a node's consecutive round rows, and median time a round waited on its exchange
     (``exchange_s``: p2pnode's push-pull, hivemind's ``averager.step()``), over all nodes and rounds."""
@@ -237,6 +255,7 @@ def summarize_run(events: list[dict[str, Any]], *, nodes: int, target: float, t0
             last_bytes[int(ev["node"])] = max(last_bytes.get(int(ev["node"]), 0), ev["bytes_sent"])
     return {
         "time_to_target_s": hit["t"] if hit else None,
+        "time_to_target_latest_s": time_to_target_latest(events, nodes=nodes, target=target, t0=t0),
         "round_to_target": hit["round"] if hit else None,
         "bytes_to_target_per_node": hit["bytes_sent"] if hit else None,
         "final_accuracy": (sum(float(e["test_accuracy"]) for e in finals) / len(finals)) if finals else None,
@@ -287,7 +306,7 @@ def run_one(opts: E2EOptions, system: str, repeat: int) -> dict[str, Any]:
         swarm.stop()
         swarm.summarize()
         events = swarm.events()
-    row = {"system": system, "repeat": repeat, "seed": seed, "all_finished": finished,
+    row = {"system": system, "repeat": repeat, "seed": seed, "all_finished": finished, "t_ready": ready,
            "startup_s": round(ready - launched, 3), "wall_s": round(done - launched, 3),
            "cpu_s": round(cpu.seconds, 2), "cpu_s_by_kind": cpu.seconds_by_kind(), "cpu_s_at_ready": at_ready,
            "processes": cpu.processes,
@@ -295,6 +314,32 @@ def run_one(opts: E2EOptions, system: str, repeat: int) -> dict[str, Any]:
            "out": str(swarm_opts.out)}
     row.update(summarize_run(events, nodes=opts.nodes, target=opts.target, t0=ready))
     return row
+
+
+def reanalyze(opts: E2EOptions) -> dict[str, Any]:
+    """Recompute every run's figures in ``opts.json_path`` from its swarm's ``metrics.jsonl`` (nothing runs).
+
+    The ready time is the stored ``t_ready`` or, for rows written before it was stored, recovered from
+    the first curve point (its ``t`` is the last row of that round minus the ready time).
+    """
+    import json
+
+    data = load_results(opts.json_path, "runs")
+    for row in data["runs"]:
+        path = Path(row["out"]) / "metrics.jsonl"
+        events = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        t0 = row.get("t_ready")
+        if t0 is None:
+            first = row["curve"][0]
+            t0 = max(float(e["t"]) for e in events
+                     if e.get("event") == "round" and e.get("round") == first["round"]) - first["t"]
+            row["t_ready"] = t0
+        row.update(summarize_run(events, nodes=opts.nodes, target=opts.target, t0=t0))
+    data["options"] = {**data.get("options", {}), "target": opts.target}
+    data["summary"] = aggregate(data, opts.systems)
+    data["acceptance"] = acceptance(data["summary"])
+    write_json_atomic(opts.json_path, data)
+    return data
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -314,9 +359,9 @@ def aggregate(data: dict[str, Any], systems: Sequence[str]) -> list[dict[str, An
             continue
         row: dict[str, Any] = {"system": system, "runs": len(runs),
                                "reached": sum(r["time_to_target_s"] is not None for r in runs)}
-        for key in ("time_to_target_s", "round_to_target", "bytes_to_target_per_node", "final_accuracy",
-                    "final_accuracy_min", "bytes_sent_per_node", "cpu_s", "startup_s", "wall_s",
-                    "round_s_median", "exchange_s_median"):
+        for key in ("time_to_target_s", "time_to_target_latest_s", "round_to_target",
+                    "bytes_to_target_per_node", "final_accuracy", "final_accuracy_min", "bytes_sent_per_node",
+                    "cpu_s", "startup_s", "wall_s", "round_s_median", "exchange_s_median"):
             row[key] = _median([r.get(key) for r in runs])
         out.append(row)
     base = next((r for r in out if r["system"] == HIVEMIND), None)
@@ -390,15 +435,17 @@ def _num(value: float | None, fmt: str, scale: float = 1.0) -> str:
 def format_table(data: dict[str, Any]) -> str:
     """Markdown table of the medians (and the acceptance lines when there is a baseline)."""
     target = data.get("options", {}).get("target", 0.8)
-    lines = [f"| system | time to {target:.2f} (s) | round | vs hivemind | MB sent / node to target "
+    lines = [f"| system | time to {target:.2f} (s) | round | vs hivemind | latest-eval time (s) "
+             "| MB sent / node to target "
              "| × fewer bytes to target | final acc. | MB sent / node (run) | CPU s | round s | exchange s "
              "| reached |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data.get("summary", []):
         ratio, fewer = r.get("time_ratio_vs_hivemind"), r.get("bytes_to_target_fewer_x")
         lines.append(
             f"| `{r['system']}` | {_num(r['time_to_target_s'], '.1f')} | "
             f"{_num(r['round_to_target'], '.0f')} | {'' if ratio is None else f'{ratio:.2f}'} | "
+            f"{_num(r.get('time_to_target_latest_s'), '.1f')} | "
             f"{_num(r['bytes_to_target_per_node'], '.3f', 1e6)} | "
             f"{'' if fewer is None else f'{fewer:.1f}'} | {_num(r['final_accuracy'], '.4f')} | "
             f"{_num(r['bytes_sent_per_node'], '.3f', 1e6)} | {_num(r['cpu_s'], '.0f')} | "

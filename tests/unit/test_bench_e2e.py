@@ -88,6 +88,8 @@ def test_summarize_run_reports_target_bytes_finals_and_timing() -> None:
     assert run["bytes_sent_per_node"] == 400.0  # the largest counter each node reported
     assert run["round_s_median"] == pytest.approx(2.5)  # gaps 2.0 and 3.0
     assert run["exchange_s_median"] == 0.5
+    # at t=13 node 0 has 0.85 and node 1 still 0.7 (mean 0.775); at 14.5 node 1's 0.80 makes it 0.825
+    assert run["time_to_target_latest_s"] == 4.5
 
     missed = summarize_run(events, nodes=2, target=0.9, t0=10.0)
     assert missed["time_to_target_s"] is None
@@ -95,9 +97,17 @@ def test_summarize_run_reports_target_bytes_finals_and_timing() -> None:
     assert missed["bytes_to_target_per_node"] is None
 
 
+def test_latest_eval_time_reads_the_swarm_as_it_stands() -> None:
+    events = [_round(0, 1, 1.0, 0.9, 0), _round(0, 2, 2.0, 0.9, 0),  # node 0 races ahead
+              _round(1, 1, 3.0, 0.6, 0), _round(1, 2, 5.0, 0.75, 0)]
+    assert summarize_run(events, nodes=2, target=0.8, t0=0.0)["time_to_target_latest_s"] == 5.0
+    assert summarize_run(events, nodes=2, target=0.75, t0=0.0)["time_to_target_latest_s"] == 3.0
+    assert summarize_run(events, nodes=3, target=0.5, t0=0.0)["time_to_target_latest_s"] is None
+
+
 def _run(system: str, repeat: int, t: float | None, b: float | None, *, total: float = 1000.0,
          acc: float = 0.85) -> dict[str, Any]:
-    return {"system": system, "repeat": repeat, "time_to_target_s": t,
+    return {"system": system, "repeat": repeat, "time_to_target_s": t, "time_to_target_latest_s": t,
             "round_to_target": None if t is None else 5,
             "bytes_to_target_per_node": b, "final_accuracy": acc, "final_accuracy_min": acc,
             "bytes_sent_per_node": total, "cpu_s": 10.0, "startup_s": 5.0, "wall_s": 60.0,
@@ -131,7 +141,7 @@ def test_medians_ratios_and_acceptance() -> None:
 
     data["summary"], data["acceptance"] = summary, verdict
     table = format_table(data)
-    assert "| `dense` | 20.0 | 5 | 0.80 | 0.002 |" in table
+    assert "| `dense` | 20.0 | 5 | 0.80 | 20.0 | 0.002 |" in table
     assert "dense time / hivemind time: 0.80 (met" in table
     assert "× fewer than hivemind: 18.2 (NOT met" in table
 

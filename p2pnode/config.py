@@ -328,6 +328,8 @@ class NodeConfig:
     device: str = _doc("where to train: auto | cpu | cuda | cuda:N", "auto")
     seed: int = _doc("seeds model init, data partition and peer sampling", 0)
     threads: int = _doc("torch CPU threads (0 = torch default)", 0)
+    worker_nice: int = _doc("Linux niceness added to the worker threads that train, evaluate and merge, so "
+                            "the event loop that answers peers gets the CPU first (0 = off)", 10)
     task: TaskConfig = field(default_factory=TaskConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
@@ -340,8 +342,10 @@ class NodeConfig:
     def __post_init__(self) -> None:
         _require(bool(_DEVICE_RE.match(self.device)), "device", self.device, "auto | cpu | cuda | cuda:N")
         _require(self.threads >= 0, "threads", self.threads, "integer >= 0")
+        _require(0 <= self.worker_nice <= 19, "worker_nice", self.worker_nice, "integer in [0, 19]")
 
 
+TOP_LEVEL = ("device", "seed", "threads", "worker_nice")  # NodeConfig's own scalar fields
 SECTIONS: dict[str, type] = {
     "task": TaskConfig,
     "network": NetworkConfig,
@@ -400,8 +404,8 @@ def config_from_dict(data: dict[str, Any]) -> NodeConfig:
     node_defaults = NodeConfig()
     scalar = {k: v for k, v in top.items()}
     for key, value in scalar.items():
-        if key not in ("device", "seed", "threads"):
-            raise ConfigError(key, value, "device, seed, threads or a section: " + ", ".join(SECTIONS))
+        if key not in TOP_LEVEL:
+            raise ConfigError(key, value, ", ".join(TOP_LEVEL) + " or a section: " + ", ".join(SECTIONS))
         scalar[key] = _coerce(key, value, getattr(node_defaults, key))
     return NodeConfig(**scalar, **sections)
 

@@ -48,6 +48,7 @@ class HotpathOptions:
     rpc_seconds: float = 30.0  # how long the pinger runs against a training node (0: skip that part)
     rpc_rate: float = 20.0  # pings per second
     rpc_task: str = "fashion-mnist"  # what the pinged node trains
+    rpc_worker_nice: int | None = None  # the nodes' --worker-nice (None: their default)
     out_dir: Path = Path("runs/bench-hotpaths")
     json_path: Path | None = Path("runs/bench-hotpaths.json")
     merge_rules: bool = True  # time the merge rules (needs n × d × 4 bytes plus working memory)
@@ -150,7 +151,7 @@ def run_hotpath_bench(opts: HotpathOptions, *,
         from p2pnode.bench.rpc_latency import run_rpc_latency
 
         rpc = run_rpc_latency(seconds=opts.rpc_seconds, rate=opts.rpc_rate, task=opts.rpc_task,
-                              out_dir=opts.out_dir, progress=progress)
+                              out_dir=opts.out_dir, worker_nice=opts.rpc_worker_nice, progress=progress)
     result = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
               "machine": machine, "clone_gbs": clone_gbs, "clone_gbs_runs": clones, "codecs": codecs,
               "merge_rules": merges, "envelopes": envelopes, "rpc": rpc,

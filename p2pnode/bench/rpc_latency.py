@@ -25,8 +25,8 @@ from p2pnode.errors import MessageRejected, PeerUnreachable
 NODE_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _start(name: str, out: Path, swarm: str, task: str, *, shard: int,
-           initial_peer: str | None) -> NodeProcess:
+def _start(name: str, out: Path, swarm: str, task: str, *, shard: int, initial_peer: str | None,
+           worker_nice: int | None) -> NodeProcess:
     import subprocess
     import sys
 
@@ -39,6 +39,8 @@ def _start(name: str, out: Path, swarm: str, task: str, *, shard: int,
            "--log-level", "warning"]
     if initial_peer is not None:
         cmd += ["--initial-peers", initial_peer]
+    if worker_nice is not None:
+        cmd += ["--worker-nice", str(worker_nice)]
     with open(node_dir / "node.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **NODE_ENV}, start_new_session=True)
@@ -97,6 +99,7 @@ def _quantile(values: list[float], q: float) -> float:
 
 def run_rpc_latency(*, seconds: float = 30.0, rate: float = 20.0, task: str = "fashion-mnist",
                     out_dir: Path = Path("runs/bench-hotpaths"), start_timeout_s: float = 180.0,
+                    worker_nice: int | None = None,
                     progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Start the target and its peer, ping the target while both train, stop them; the latency figures."""
     out = out_dir / time.strftime("rpc-%Y%m%d-%H%M%S")
@@ -104,14 +107,15 @@ def run_rpc_latency(*, seconds: float = 30.0, rate: float = 20.0, task: str = "f
     nodes: list[NodeProcess] = []
     try:
         deadline = time.monotonic() + start_timeout_s
-        nodes.append(_start("target", out, swarm, task, shard=0, initial_peer=None))
+        nodes.append(_start("target", out, swarm, task, shard=0, initial_peer=None, worker_nice=worker_nice))
         info = _wait("ready", nodes[0], deadline, lambda: _ready_file(nodes[0]))
         # first the floor: the same pings while the target idles, waiting for its peer (--wait-peers 1)
         idle_s = min(10.0, seconds / 3)
         progress(f"pinging the idle target for {idle_s:g} s (the transport's own latency)")
         idle = asyncio.run(ping_loop(info["peer_id"], info["maddrs"], swarm=swarm, seconds=idle_s, rate=rate,
                                      key_dir=out))
-        nodes.append(_start("peer", out, swarm, task, shard=1, initial_peer=info["maddrs"][0]))
+        nodes.append(_start("peer", out, swarm, task, shard=1, initial_peer=info["maddrs"][0],
+                            worker_nice=worker_nice))
         _wait("training with its peer", nodes[0], deadline, lambda: _training_with_peer(nodes[0]))
         progress(f"pinging {info['peer_id']} at {rate:g}/s for {seconds:g} s while it trains ({task})")
         before = len(nodes[0].rows())
@@ -124,8 +128,8 @@ def run_rpc_latency(*, seconds: float = 30.0, rate: float = 20.0, task: str = "f
     times = pings.pop("times_s")
     ms = [1e3 * t for t in times]
     idle_ms = [1e3 * t for t in idle.pop("times_s")]
-    return {**pings, "idle": {**idle, **_stats(idle_ms)}, "task": task, "seconds": seconds, "rate": rate,
-            "out": str(out),
+    return {**pings, "idle": {**idle, **_stats(idle_ms)}, "task": task, "worker_nice": worker_nice,
+            "seconds": seconds, "rate": rate, "out": str(out),
             "rounds_during": len(rounds),
             "round_s_median": statistics.median([b["t"] - a["t"] for a, b in zip(rounds, rounds[1:])])
             if len(rounds) > 2 else None,

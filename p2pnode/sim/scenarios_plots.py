@@ -41,7 +41,8 @@ def plot_variance(result: dict[str, Any], out_png: Path) -> Path:
 
 def plot_sybil(result: dict[str, Any], out_png: Path) -> Path:
     """Targeted 0 -> 1 success by number of Sybils, one bar group per defense."""
-    cells = [c for c in result["cells"] if "targeted_success_mean" in c]
+    cells = [c for c in result["cells"] if "targeted_success_mean" in c and c["sybils"] > 0]
+    control = [c for c in result["cells"] if "targeted_success_mean" in c and c["sybils"] == 0]
     counts = sorted({c["sybils"] for c in cells})
     defenses = list(dict.fromkeys(c["defense"] for c in cells))
     fig = _figure(6, 3.6)
@@ -51,6 +52,9 @@ def plot_sybil(result: dict[str, Any], out_png: Path) -> Path:
         by = {c["sybils"]: 100 * c["targeted_success_mean"] for c in cells if c["defense"] == d}
         xs = [i + k * width for i in range(len(counts))]
         ax.bar(xs, [by.get(m, 0.0) for m in counts], width=width, label=d)
+    for c in control:
+        ax.axhline(100 * c["targeted_success_mean"], color="grey", linestyle="--", linewidth=1,
+                   label="no attacker (mean)")
     ax.set_xticks([i + width * (len(defenses) - 1) / 2 for i in range(len(counts))], [str(m) for m in counts])
     ax.set_xlabel("Sybil identities of the one attacker")
     ax.set_ylabel("class-0 test images read as 1 (%)")

@@ -70,8 +70,11 @@ def sybil_topology(honest: int, sybils: int, radius: float, max_degree: int, see
 
 
 def sybilwall_cells(cfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:
-    cells = [{"row": f"{m} Sybil(s), {d}", "sybils": m, "defense": d} for m in cfg["sybils"]
-             for d in cfg["defenses"]]
+    """A control without attacker (plain mean: how often an honest model reads a 0 as a 1 anyway), then
+    every (Sybil count, defense)."""
+    cells = [{"row": "no attacker, mean", "sybils": 0, "defense": "mean"}]
+    cells += [{"row": f"{m} Sybil(s), {d}", "sybils": m, "defense": d} for m in cfg["sybils"]
+              for d in cfg["defenses"]]
     return [{**c, "cfg": cfg, "seed": seed} for c in cells]
 
 
@@ -81,11 +84,12 @@ def sybilwall_cell(cell: dict[str, Any]) -> dict[str, Any]:
     cfg, m = cell["cfg"], cell["sybils"]
     adj = sybil_topology(cfg["honest"], m, cfg["radius"], cfg["max_degree"], cell["seed"])
     honest_adj = [[j for j in a if j < cfg["honest"]] for a in adj[:cfg["honest"]]]
-    opts = {"nodes": cfg["honest"] + m, "byzantine": m, "attack": "sybil", "rounds": cfg["rounds"],
-            "task": cfg["task"], "partition": cfg["partition"], "fanout": cfg["fanout"],
-            "local_steps": cfg["local_steps"], "defense": cell["defense"], "seed": cell["seed"],
-            "final_eval_samples": cfg["final_eval_samples"]}
-    extra = {"attack_edges": len(adj[cfg["honest"]]), "honest_max_degree": max(len(a) for a in honest_adj),
+    opts = {"nodes": cfg["honest"] + m, "byzantine": m, "attack": "sybil" if m else "",
+            "rounds": cfg["rounds"], "task": cfg["task"], "partition": cfg["partition"],
+            "fanout": cfg["fanout"], "local_steps": cfg["local_steps"], "defense": cell["defense"],
+            "seed": cell["seed"], "final_eval_samples": cfg["final_eval_samples"]}
+    extra = {"attack_edges": len(adj[cfg["honest"]]) if m else 0,
+             "honest_max_degree": max(len(a) for a in honest_adj),
              "honest_components": len(components(honest_adj))}
     return run_swarm(SwarmPlan(options=opts, adjacency=adj, measure_targeted=(0, 1), extra=extra))
 

@@ -428,8 +428,8 @@ def run_e2e_bench(opts: E2EOptions, *,
     return data
 
 
-def _num(value: float | None, fmt: str, scale: float = 1.0) -> str:
-    return "not reached" if value is None else format(value / scale, fmt)
+def _num(value: float | None, fmt: str, scale: float = 1.0, missing: str = "not reached") -> str:
+    return missing if value is None else format(value / scale, fmt)
 
 
 def format_table(data: dict[str, Any]) -> str:
@@ -449,7 +449,8 @@ def format_table(data: dict[str, Any]) -> str:
             f"{_num(r['bytes_to_target_per_node'], '.3f', 1e6)} | "
             f"{'' if fewer is None else f'{fewer:.1f}'} | {_num(r['final_accuracy'], '.4f')} | "
             f"{_num(r['bytes_sent_per_node'], '.3f', 1e6)} | {_num(r['cpu_s'], '.0f')} | "
-            f"{_num(r['round_s_median'], '.2f')} | {_num(r['exchange_s_median'], '.3f')} | "
+            f"{_num(r['round_s_median'], '.2f', missing='–')} | "
+            f"{_num(r['exchange_s_median'], '.3f', missing='–')} | "
             f"{r['reached']}/{r['runs']} |")
     acc = data.get("acceptance") or {}
     if "dense_time_ratio" in acc:

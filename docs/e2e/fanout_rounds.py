@@ -29,7 +29,8 @@ def main() -> None:
                     acc[row["round"]].append(row["test_accuracy"])
             curve = [round(sum(v) / len(v), 4) for _, v in sorted(acc.items())]
             hit = next((i + 1 for i, a in enumerate(curve) if a >= 0.8), None)
-            print(json.dumps({"fanout": fanout, "seed": seed, "round_to_0.80": hit, "curve": curve}), flush=True)
+            row = {"fanout": fanout, "seed": seed, "round_to_0.80": hit, "curve": curve}
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ through the configured codec and merges through the configured defense. What the
 - the local training of small models: when the model has no buffers, all nodes' models are the rows
   of one :class:`~p2pnode.sim.batched.ModelStack`, trained in one vmapped batch per round before the
   nodes' ``run_round`` calls, which then see exactly what a ``LocalTrainer`` would have given them;
-- worker threads: ``asyncio.to_thread`` runs inline (:class:`InlineExecutor`); the event loop is the only
-  thread, so a run is deterministic for a seed.
+- worker threads: ``asyncio.to_thread`` runs the job at once on the event loop's thread and returns a
+  finished future (:func:`inline_loop_factory`): the jobs are short, one thread keeps a run
+  deterministic for a seed, and a thread hand-off per call would cost more than most jobs.
 
 Rounds are synchronous: in round r, after the churn events, the live nodes train, then all run
 ``Node.run_round`` concurrently; round r+1 starts when all have finished. The run writes the
@@ -27,7 +28,6 @@ event per round).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import logging
 import random
@@ -115,22 +115,32 @@ class SimOptions(InprocOptions):
         InprocOptions.__post_init__(self)
 
 
-class InlineExecutor(concurrent.futures.ThreadPoolExecutor):
-    """An executor that runs each job at once in the calling thread (``asyncio.to_thread`` in the
-    simulator: the jobs are short, and one thread keeps a run deterministic)."""
+def inline_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """A factory of event loops (uvloop's when installed) whose ``run_in_executor``, and so
+    ``asyncio.to_thread``, runs the job at once on the loop's thread and returns a finished future.
 
-    def __init__(self) -> None:
-        super().__init__(max_workers=1)
+    Awaiting a finished future does not yield, so a node's ``run_round`` runs from its training to its
+    first exchange without a pause; the exchanges themselves still interleave (they await each other).
+    """
+    try:
+        import uvloop
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:  # handed to the awaiting coroutine, as a worker thread would
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-        return future
+        base: type = uvloop.Loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        base = asyncio.SelectorEventLoop
+
+    class InlineLoop(base):  # type: ignore[misc, valid-type]
+        def run_in_executor(self, executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+            future = self.create_future()
+            try:
+                future.set_result(func(*args))
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:  # handed to the awaiting coroutine, as a worker thread would
+                future.set_exception(exc)
+            return future
+
+    return InlineLoop
 
 
 class SimTransport(MemoryTransport):
@@ -333,7 +343,6 @@ class Simulation:
         return entry
 
     async def _run(self, progress: Progress | None) -> list[dict[str, Any]]:
-        asyncio.get_running_loop().set_default_executor(InlineExecutor())
         for node in self.nodes:
             await node.transport.start(node.serve)
         wall0 = time.perf_counter()
@@ -412,13 +421,7 @@ def _stats(values: list[int]) -> dict[str, float]:
 
 
 def _run_loop(coro: Any) -> Any:
-    try:
-        import uvloop
-
-        factory: Any = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=inline_loop_factory()) as runner:
         return runner.run(coro)
 
 

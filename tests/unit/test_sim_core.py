@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from p2pnode.byzantine import ByzantineNode
 from p2pnode.errors import ConfigError
 from p2pnode.node import Node
-from p2pnode.sim.core import InlineExecutor, SimOptions, Simulation, run_simulation
+from p2pnode.sim.core import SimOptions, Simulation, inline_loop_factory, run_simulation
 
 SWARM_NODE_KEYS = {"node", "peer_id", "role", "rounds", "test_accuracy", "test_loss", "bytes_sent",
                    "bytes_received", "messages_rejected", "finished", "exit_code"}
@@ -102,11 +103,13 @@ def test_byzantine_frac_and_validation() -> None:
             SimOptions(**bad)  # type: ignore[arg-type]
 
 
-def test_inline_executor_runs_in_the_caller() -> None:
+def test_to_thread_runs_inline_on_the_simulators_loop() -> None:
     import threading
 
-    ex = InlineExecutor()
-    assert ex.submit(threading.get_ident).result() == threading.get_ident()
-    failed = ex.submit(lambda: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        failed.result()
+    async def main() -> None:
+        assert await asyncio.to_thread(threading.get_ident) == threading.get_ident()
+        with pytest.raises(ZeroDivisionError):
+            await asyncio.to_thread(lambda: 1 / 0)
+
+    with asyncio.Runner(loop_factory=inline_loop_factory()) as runner:
+        runner.run(main())

@@ -233,9 +233,12 @@ class SpsaNode(Node):
         if body[2] is not None:
             if len(body[2]) != 4 * len(self._probe_idx):
                 raise ProtocolError(f"probe must be {4 * len(self._probe_idx)} bytes of float32")
-            probe = np.frombuffer(body[2], dtype="<f4").astype(np.float64).tolist()
-            if not all(np.isfinite(probe)):
+            raw = np.frombuffer(body[2], dtype="<f4")
+            with np.errstate(invalid="ignore"):  # a signalling NaN's class is read, not cast
+                finite = bool(np.isfinite(raw).all())
+            if not finite:
                 raise ProtocolError("probe holds NaN or Inf")
+            probe = raw.astype(np.float64).tolist()
         s = self.config.spsa
         for raw in body[1]:
             if not isinstance(raw, bytes):

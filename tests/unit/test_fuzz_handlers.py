@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import msgpack
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -124,3 +126,15 @@ def test_mutated_requests_are_answered_or_refused_with_a_typed_rejection(name: s
     reason = LOOP.run_until_complete(_send(setup, setup.request(kind, body, max(0, round))))
     assert "internal error" not in reason, reason
     assert bool(torch.isfinite(setup.target.trainer.get_flat()).all())
+
+
+@pytest.mark.parametrize("pattern", [0x7F800001, 0x7FC00000, 0x7F800000])  # signalling NaN, quiet NaN, +Inf
+def test_an_spsa_probe_with_a_nan_or_inf_is_refused_with_a_typed_rejection(pattern: int) -> None:
+    """Found by the fuzz test above: a signalling NaN in the probe made numpy warn while casting it,
+    which escaped as an internal error where warnings are errors."""
+    setup = _spsa()  # a sender of its own: the fuzz test's may be banned by now
+    body = msgpack.unpackb(setup.bodies[KIND_GOSSIP][0], raw=False)
+    assert body[2] is not None, "the first body carries a probe"
+    body[2] = struct.pack("<I", pattern) + body[2][4:]
+    reason = LOOP.run_until_complete(_send(setup, setup.request(KIND_GOSSIP, msgpack.packb(body), 1)))
+    assert "probe holds NaN or Inf" in reason, reason

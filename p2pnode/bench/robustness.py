@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,12 +77,15 @@ def _key(cell: dict[str, Any]) -> str:
 
 def _targeted_success(swarm: Any, src: int = 0, dst: int = 1) -> dict[str, Any]:
     """Share of class-``src`` test images that honest nodes' models predict as ``dst``."""
+    return targeted_success([node for node in swarm.nodes if node.role == "honest"], src, dst)
+
+
+def targeted_success(nodes: Sequence[Any], src: int, dst: int) -> dict[str, float]:
+    """Share of class-``src`` test images that each given node's model predicts as ``dst`` (mean, max)."""
     import torch
 
     shares = []
-    for node in swarm.nodes:
-        if node.role != "honest":
-            continue
+    for node in nodes:
         trainer = node.trainer
         mask = trainer.test_y == src
         with torch.no_grad():

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2pnode.bench.robustness import targeted_success
+
 logger = logging.getLogger(__name__)
 
 Adjacency = list[list[int]]
@@ -73,21 +75,6 @@ def _install_views(swarm: Any, adjacency: Adjacency | None, seed: int) -> Any:
         neighbours = None if adjacency is None else adjacency[i]
         node.membership = NeighbourView(i, neighbours, directory, random.Random(f"{seed}/view/{i}"))
     return directory
-
-
-def targeted_success(nodes: Sequence[Any], src: int, dst: int) -> dict[str, float]:
-    """Share of class-``src`` test images that each given node's model predicts as ``dst`` (mean, max)."""
-    import torch
-
-    shares = []
-    for node in nodes:
-        trainer = node.trainer
-        mask = trainer.test_y == src
-        with torch.no_grad():
-            trainer._eval_model.load_state_dict(trainer.model.state_dict())
-            pred = trainer._eval_model(trainer.test_x[mask]).argmax(dim=1)
-        shares.append(float((pred == dst).float().mean()))
-    return {"targeted_success_mean": statistics.fmean(shares), "targeted_success_max": max(shares)}
 
 
 def honest_curve(rows: list[dict[str, Any]], keep: set[int]) -> list[float]:

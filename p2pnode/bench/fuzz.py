@@ -104,17 +104,25 @@ class NodeProcess:
 
 def _start_node(name: str, out: Path, swarm: str, opts: FuzzOptions, *, shard: int,
                 initial_peer: str | None) -> NodeProcess:
+    return start_pair_node(name, out, swarm, "digits", shard=shard, initial_peer=initial_peer, extra=[
+        "--seed", str(opts.seed), "--heartbeat-s", str(opts.heartbeat_s), "--max-message-mb",
+        str(opts.max_message_mb), "--log-level", "info" if name == "target" else "warning", *_unguarded()])
+
+
+def start_pair_node(name: str, out: Path, swarm: str, task: str, *, shard: int, initial_peer: str | None,
+                    extra: list[str]) -> NodeProcess:
+    """One of two loopback ``p2pnode run`` nodes (shard ``shard``/2) that trains until stopped, with its
+    key, metrics, ready file and log in ``out/name``; ``extra`` flags go last (a repeated flag wins)."""
     node_dir = out / name
     node_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "p2pnode", "run", "--task", "digits", "--identity", str(node_dir / "key"),
+    cmd = [sys.executable, "-m", "p2pnode", "run", "--task", task, "--identity", str(node_dir / "key"),
            "--swarm", swarm, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--shard", f"{shard}/2",
-           "--seed", str(opts.seed), "--rounds", "0", "--metrics-file", str(node_dir / "metrics.jsonl"),
+           "--rounds", "0", "--metrics-file", str(node_dir / "metrics.jsonl"),
            "--ready-file", str(node_dir / "ready.json"), "--threads", "1", "--linger-s", "0",
-           "--heartbeat-s", str(opts.heartbeat_s), "--max-message-mb", str(opts.max_message_mb),
-           "--wait-peers", "1", "--log-level", "info" if name == "target" else "warning"]
+           "--wait-peers", "1", "--log-level", "warning"]
     if initial_peer is not None:
         cmd += ["--initial-peers", initial_peer]
-    cmd += _unguarded()
+    cmd += extra
     with open(node_dir / "node.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **NODE_ENV}, start_new_session=True)

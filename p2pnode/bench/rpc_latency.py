@@ -19,32 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from p2pnode.bench.fuzz import NodeProcess, _ready_file, _training_with_peer, _wait
+from p2pnode.bench.fuzz import NodeProcess, _ready_file, _training_with_peer, _wait, start_pair_node
 from p2pnode.errors import MessageRejected, PeerUnreachable
-
-NODE_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _start(name: str, out: Path, swarm: str, task: str, *, shard: int, initial_peer: str | None,
            worker_nice: int | None) -> NodeProcess:
-    import subprocess
-    import sys
-
-    node_dir = out / name
-    node_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "p2pnode", "run", "--task", task, "--identity", str(node_dir / "key"),
-           "--swarm", swarm, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--shard", f"{shard}/2",
-           "--rounds", "0", "--metrics-file", str(node_dir / "metrics.jsonl"), "--ready-file",
-           str(node_dir / "ready.json"), "--threads", "1", "--linger-s", "0", "--wait-peers", "1",
-           "--log-level", "warning"]
-    if initial_peer is not None:
-        cmd += ["--initial-peers", initial_peer]
-    if worker_nice is not None:
-        cmd += ["--worker-nice", str(worker_nice)]
-    with open(node_dir / "node.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **NODE_ENV}, start_new_session=True)
-    return NodeProcess(name, proc, node_dir)
+    extra = [] if worker_nice is None else ["--worker-nice", str(worker_nice)]
+    return start_pair_node(name, out, swarm, task, shard=shard, initial_peer=initial_peer, extra=extra)
 
 
 async def ping_loop(peer_id: str, maddrs: list[str], *, swarm: str, seconds: float, rate: float,

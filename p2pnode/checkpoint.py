@@ -7,7 +7,9 @@ never code. A node started with ``--checkpoint-dir`` holding one resumes from it
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from p2pnode.errors import P2PNodeError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
+_write_ids = itertools.count()
 
 
 class CheckpointError(P2PNodeError):
@@ -31,7 +34,9 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` (plus the format version) to ``DIR/checkpoint.pt`` atomically; return the path."""
     path = checkpoint_path(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # unique per write: two writers (two threads, or two processes sharing the directory) never share a
+    # temp file, so neither renames or truncates the other's half-written one
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}-{next(_write_ids)}.tmp")
     with open(tmp, "wb") as f:
         torch.save({"format": FORMAT_VERSION, **state}, f)
         f.flush()

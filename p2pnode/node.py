@@ -730,6 +730,9 @@ def resume_from_checkpoint(config: NodeConfig, node: Node) -> bool:
     state = load_checkpoint(directory)
     if state is None:
         return False
+    if state.get("peer_id") != node.identity.peer_id:
+        raise CheckpointError(f"{directory}: the checkpoint belongs to peer {state.get('peer_id')}, not to "
+                              f"this node ({node.identity.peer_id}); give each node its own --checkpoint-dir")
     if config.gossip.mode != "gossip" or state.get("mode") != "gossip":
         logger.warning("not resuming from %s: resuming is implemented for --mode gossip only", directory)
         return False

@@ -67,6 +67,8 @@ class Operations:
         self.rejected_by_reason: Counter[str] = Counter()
         self.executed: Counter[str] = Counter()
         self.checkpoints = 0
+        self.checkpoint_errors = 0
+        self._checkpoint_lock = asyncio.Lock()  # the periodic write and the command's never overlap
         ops = config.ops
         self.verifier = CommandVerifier(ops.operator_keys, swarm=config.network.swarm,
                                         peer_id=node.identity.peer_id, test_mode=ops.test_mode)
@@ -165,8 +167,14 @@ class Operations:
         if directory is None:
             logger.warning("checkpoint command ignored: this node runs without --checkpoint-dir")
             return None
-        state = await asyncio.to_thread(node_checkpoint_state, self.node)
-        path = await asyncio.to_thread(save_checkpoint, directory, state)
+        async with self._checkpoint_lock:
+            state = await asyncio.to_thread(node_checkpoint_state, self.node)
+            try:
+                path = await asyncio.to_thread(save_checkpoint, directory, state)
+            except OSError as exc:  # disk full, directory gone: say so and keep training
+                self.checkpoint_errors += 1
+                logger.error("round %d: checkpoint to %s failed: %s", state["round"], directory, exc)
+                return None
         self.checkpoints += 1
         logger.info("round %d: checkpoint written to %s", state["round"], path)
         return path

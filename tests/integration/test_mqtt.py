@@ -178,7 +178,8 @@ def test_signed_commands_pause_resume_checkpoint_and_shut_down_and_bad_ones_are_
         assert state["peer_id"] in peers
 
         control("shutdown")
-        for proc in swarm.processes:
-            assert proc.wait(timeout=30) == 0
+        for i, proc in enumerate(swarm.processes):
+            log = swarm.node_paths(i).log
+            assert proc.wait(timeout=30) == 0, log.read_text(errors="replace")[-4000:]
         status = {peer: view.status for (_, peer), view in _snapshot(broker, "control").nodes.items()}
         assert status == dict.fromkeys(peers, "offline")

@@ -180,10 +180,13 @@ def test_sigterm_stops_a_running_node_within_five_seconds(tmp_path: Path) -> Non
 
 @pytest.mark.timeout(400)
 def test_a_sign_flipping_node_in_a_real_swarm_hurts_mean_and_nna_resists_it(tmp_path: Path) -> None:
+    # SCALE 4 (the node sends −4μ): with SCALE 1 a mean swarm retrains from the near-zero model it merges
+    # to within a few rounds, and its final accuracy spread 0.48–0.90 over runs (0.90 failed CI); with
+    # SCALE 4 mean ended at 0.53–0.72 and nna:1 at 0.93–0.95 in 3 runs each
     def run(defense: str) -> dict:
         out = tmp_path / defense.replace(":", "-")
         proc = subprocess.run([*P2PNODE, "swarm", "--nodes", "4", "--task", "digits", "--rounds", "10",
-                               "--byzantine", "1", "--attack", "sign-flip", "--defense", defense,
+                               "--byzantine", "1", "--attack", "sign-flip:4", "--defense", defense,
                                "--out", str(out), "--linger-s", "5", "--no-live"],
                               env=ENV, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -195,4 +198,4 @@ def test_a_sign_flipping_node_in_a_real_swarm_hurts_mean_and_nna_resists_it(tmp_
         assert [n["role"] for n in summary["nodes"]] == ["honest"] * 3 + ["byzantine"]
         assert summary["nodes"][3]["bytes_sent"] >= 10 * DIGITS_MODEL_BYTES, "the attacker took part"
     assert robust["honest_accuracy_min"] >= 0.85, robust
-    assert plain["honest_accuracy_mean"] < robust["honest_accuracy_mean"] - 0.05, (plain, robust)
+    assert plain["honest_accuracy_mean"] < robust["honest_accuracy_mean"] - 0.10, (plain, robust)

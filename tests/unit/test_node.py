@@ -57,7 +57,7 @@ def _record(peer_id: str) -> MembershipRecord:
                             model_fingerprint=b"", timestamp=time.time())
 
 
-def _node(network: MemoryNetwork, shard: int, *, fanout: int = 1) -> Node:
+def _node(network: MemoryNetwork, shard: int, *, fanout: int = 1, identity: Identity | None = None) -> Node:
     task_cfg = TaskConfig(name="digits", shard=shard, num_shards=2, local_steps=5)
     config = NodeConfig(device="cpu", task=task_cfg)
     config.network.swarm = "t"
@@ -65,7 +65,7 @@ def _node(network: MemoryNetwork, shard: int, *, fanout: int = 1) -> Node:
     task = make_task("digits")
     trainer = LocalTrainer(task.build_model(0), task.load(ShardSpec(index=shard, count=2)), lr=0.05,
                            momentum=0.9, batch_size=16, device=torch.device("cpu"), seed=shard)
-    identity = Identity.generate()
+    identity = identity or Identity.generate()
     transport = MemoryTransport(network, identity.peer_id)
     return Node(config, identity, trainer, transport, StaticView([]), make_aggregator("mean"))
 

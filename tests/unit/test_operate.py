@@ -6,16 +6,18 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import torch
 
-from p2pnode.checkpoint import load_checkpoint
+from p2pnode.checkpoint import CheckpointError, load_checkpoint
 from p2pnode.control import sign_command
 from p2pnode.identity import Identity
 from p2pnode.node import resume_from_checkpoint
 from p2pnode.operate import Operations
 from p2pnode.outputs import MetricsWriter
 from p2pnode.telemetry import TELEMETRY_KEYS
-from tests.unit.test_node import _pair
+from p2pnode.transport import MemoryNetwork
+from tests.unit.test_node import _node, _pair
 
 OPERATOR = Identity.generate()
 
@@ -91,15 +93,23 @@ def test_checkpoint_command_then_a_restart_resumes_model_and_round(tmp_path: Pat
         assert state is not None
         assert state["round"] == 2
 
-        fresh, _ = await _pair()  # same task and seed: starts from the initial weights
+        stranger, _ = await _pair()  # another peer must not take over a's checkpoint (a shared directory)
+        stranger.config.ops.checkpoint_dir = str(tmp_path / "ckpt")
+        with pytest.raises(CheckpointError, match="belongs to peer"):
+            resume_from_checkpoint(stranger.config, stranger)
+        assert stranger.round == 0
+
+        # a restarted a: same key, same task and seed, so it starts from the initial weights
+        fresh = _node(MemoryNetwork(), 0, identity=a.identity)
         assert not torch.equal(fresh.trainer.get_flat(), saved)
         fresh.config.ops.checkpoint_dir = str(tmp_path / "ckpt")
         assert resume_from_checkpoint(fresh.config, fresh)
         assert fresh.round == 2
         assert torch.equal(fresh.trainer.get_flat(), saved)
         fresh.config.gossip.rounds = 3
+        await fresh.transport.start(fresh.serve)
         await fresh.run_rounds(MetricsWriter(None))
-        assert fresh.round == 3  # one more round, not three
+        assert fresh.round == 3  # one more round, not three (alone: no peers to pull from)
 
         fresh.config.gossip.mode = "spsa"  # other modes keep more state: not resumed, and it says so
         assert not resume_from_checkpoint(fresh.config, fresh)
@@ -133,5 +143,49 @@ def test_a_node_with_metrics_port_serves_its_round_to_prometheus(tmp_path: Path)
         await ops.close()
         assert "p2pnode_round 2.0" in text
         assert f'peer_id="{a.identity.peer_id}"' in text
+
+    asyncio.run(scenario())
+
+
+def test_a_checkpoint_command_during_the_periodic_checkpoint_writes_both(tmp_path: Path) -> None:
+    # the CI failure this guards: both writes used one temp file name, the first rename took it and the
+    # second raised FileNotFoundError out of the round hook, which ended the node with exit code 1
+    async def scenario() -> None:
+        a, _ = await _pair()
+        ops = _ops(a, tmp_path, [])
+        paths = await asyncio.gather(*(ops.checkpoint() for _ in range(4)))
+        assert all(p == tmp_path / "ckpt" / "checkpoint.pt" for p in paths)
+        assert ops.checkpoints == 4
+        assert ops.checkpoint_errors == 0
+        assert list((tmp_path / "ckpt").iterdir()) == [tmp_path / "ckpt" / "checkpoint.pt"]  # no temp left
+        assert load_checkpoint(tmp_path / "ckpt") is not None
+
+    asyncio.run(scenario())
+
+
+def test_concurrent_writers_to_one_directory_never_share_a_temp_file(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from p2pnode.checkpoint import save_checkpoint
+
+    state = {"round": 1, "blob": torch.zeros(200_000)}
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: save_checkpoint(tmp_path, state), range(16)))
+    assert set(paths) == {tmp_path / "checkpoint.pt"}
+    loaded = load_checkpoint(tmp_path)
+    assert loaded is not None
+    assert torch.equal(loaded["blob"], state["blob"])
+
+
+def test_a_failed_checkpoint_write_is_logged_and_counted_and_the_node_goes_on(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        a, _ = await _pair()
+        ops = _ops(a, tmp_path, [])
+        (tmp_path / "ckpt").write_text("a file where the directory should be")
+        assert await ops.checkpoint() is None
+        assert ops.checkpoint_errors == 1
+        a.config.gossip.rounds = 1
+        await a.run_rounds(MetricsWriter(None))
+        assert a.round == 1
 
     asyncio.run(scenario())

@@ -19,6 +19,7 @@ from p2pnode.bench.e2e import (
     first_reaching,
     format_table,
     parse_system,
+    split_fanout,
     summarize_run,
 )
 from p2pnode.bench.e2e_hivemind import parse_args as parse_worker_args
@@ -40,7 +41,11 @@ def test_parse_system_names() -> None:
     assert parse_system("topk:0.01") == ("gossip", "topk:0.01")
     assert parse_system("increments/topk:0.01") == ("increments", "topk:0.01")
     assert parse_system("gossip/fp16") == ("gossip", "fp16")
-    for bad in ("spsa/dense", "increments/", "a/b/c", "gossip/hivemind", ""):
+    assert parse_system("dense@7") == ("gossip", "dense")
+    assert split_fanout("dense@7") == ("dense", 7)
+    assert split_fanout("increments/topk:0.01") == ("increments/topk:0.01", None)
+    for bad in ("spsa/dense", "increments/", "a/b/c", "gossip/hivemind", "", "hivemind@2", "dense@0",
+                "dense@x", "@3"):
         with pytest.raises(ValueError, match="unknown system"):
             parse_system(bad)
 

@@ -257,9 +257,9 @@ def add_e2e_bench(which: Any) -> None:
     p.add_argument("--matchmaking-s", type=float, default=e.matchmaking_s,
                    help=f"hivemind averager's min_matchmaking_time (default {e.matchmaking_s})")
     p.add_argument("--systems", type=_csv(str), default=e.systems,
-                   help="hivemind | CODEC (gossip) | increments/CODEC, comma-separated; a p2pnode one "
-                        "may add @K (fanout K), @expK (fanout K on the exponential graph), @leadL "
-                        "(--max-lead L), e.g. dense@7@lead1 "
+                   help="hivemind | CODEC (gossip) | increments/CODEC, each p2pnode one optionally "
+                        "@K for fanout K (dense@7) or @expK for fanout K on the exponential graph "
+                        "(dense@exp1), comma-separated "
                         "(default: " + ",".join(e.systems) + ")")
     p.add_argument("--out-dir", type=Path, default=e.out_dir, help=f"swarm outputs (default {e.out_dir})")
     p.add_argument("--json", type=Path, default=e.json_path, help=f"results file (default {e.json_path})")

@@ -148,11 +148,6 @@ class GossipConfig:
                      "scalars) | increments (compressed increments to every peer, FedAvg with error "
                      "feedback; --defense mean only)", "gossip")
     fanout: int = _doc("peers sampled for a push-pull exchange each round (k)", 2)
-    max_lead: int = _doc("bounded lead: do not start a round more than this many rounds ahead of a live "
-                         "peer (waits for the peer to start its round; stale synchronous parallel); 0 = off",
-                         0)
-    max_lead_wait_s: float = _doc("longest wait before one round for --max-lead (a peer still behind is then "
-                                  "not waited for during the next 10 rounds)", 5.0)
     peer_selection: str = _doc("how the k peers are chosen: random (uniform over the view) | exponential "
                                "(partner i ± 2^(round mod log2 n) by peer-id rank: the exact average "
                                "after log2 n rounds for n a power of 2; Ying et al. 2021)", "random")
@@ -188,11 +183,6 @@ class GossipConfig:
         _require(self.increments_warmup >= 0, "gossip.increments_warmup", self.increments_warmup,
                  "integer >= 0")
         _require(self.fanout >= 0, "gossip.fanout", self.fanout, "integer >= 0")
-        _require(self.max_lead >= 0, "gossip.max_lead", self.max_lead, "integer >= 0 (0 = off)")
-        _require(self.max_lead == 0 or self.mode == "gossip", "gossip.max_lead", self.max_lead,
-                 "0 unless --mode gossip")
-        _require(0 < self.max_lead_wait_s <= 30, "gossip.max_lead_wait_s", self.max_lead_wait_s,
-                 "float in (0, 30]")
         _require(self.peer_selection in PEER_SELECTIONS, "gossip.peer_selection", self.peer_selection,
                  " | ".join(PEER_SELECTIONS))
         _require(self.peer_selection == "random" or not self.defense.startswith("bristle"),

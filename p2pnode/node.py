@@ -39,7 +39,6 @@ from p2pnode.config import NodeConfig
 from p2pnode.errors import ConfigError, MessageRejected, P2PNodeError, PeerUnreachable, TransportClosed
 from p2pnode.identity import Identity, load_or_create_identity, require_identity_pow
 from p2pnode.outputs import MetricsWriter, write_json_atomic
-from p2pnode.pacing import KIND_AWAIT, Pacer, decode_await, encode_await
 from p2pnode.peer_selection import exponential_partners
 from p2pnode.peerguard import PeerGuard, guard_limits, reason_of
 from p2pnode.tasks import ShardSpec, make_task
@@ -220,8 +219,6 @@ class Node:
         self._seq = itertools.count(self.first_seq())
         self._push_guard = ReplayGuard()
         self._pull_guard = ReplayGuard()
-        self._await_guard = ReplayGuard()  # the pongs answering our awaits
-        self.pacer = Pacer(config.gossip.max_lead, config.gossip.max_lead_wait_s)
         self.guard = PeerGuard(guard_limits(config.network))  # per-peer rate limits, score and bans
         transport.screen = self._screen  # runs on every request before its body is read
         self._max_bytes = config.network.max_message_bytes
@@ -268,7 +265,6 @@ class Node:
         env = open_envelope(data, max_bytes=self._max_bytes, swarm=self.config.network.swarm, kinds=kinds)
         if env.sender != sender:
             raise ProtocolError(f"envelope signed by {env.sender}, but the connection is from {sender}")
-        self.pacer.saw(sender, env.round)  # signed by the sender: the round it says it works on
         return env
 
     async def _request(self, peer: MembershipRecord, request: bytes) -> bytes | None:
@@ -321,14 +317,7 @@ class Node:
             # change in one exchange at a time (protocols/replicas.py)
             raise MessageRejected("busy: our own exchange with you is in flight", peer=sender)
         try:
-            env = self._open_from(sender, request, (KIND_PUSH, KIND_JOIN_REQUEST, KIND_PING, KIND_AWAIT))
-            if env.kind == KIND_AWAIT:
-                round, wait_s = decode_await(env.payload)
-                self._push_guard.check(env)
-                rounds, longest = self.config.gossip.rounds, self.config.gossip.max_lead_wait_s
-                await self.pacer.serve_await(round, min(wait_s, longest),  # held no longer than we would wait
-                                             finished=lambda: 0 < rounds <= self.round)
-                return self._seal(KIND_PONG, b"")  # the envelope carries the round we work on now
+            env = self._open_from(sender, request, (KIND_PUSH, KIND_JOIN_REQUEST, KIND_PING))
             if env.kind == KIND_PING:
                 if env.payload:
                     raise ProtocolError(f"ping carries {len(env.payload)} payload bytes, expected none")
@@ -372,27 +361,6 @@ class Node:
         if received.view is None:
             return None
         return self.wire.keep(peer.peer_id, received.view, own)
-
-    async def hold_lead(self) -> float:
-        """Before the next round, wait (bounded) for live peers more than ``--max-lead`` rounds behind
-        (p2pnode/pacing.py); return the seconds waited."""
-        if self.config.gossip.overlap:
-            return 0.0
-        view = {p.peer_id: p for p in self.membership.live()}
-        return await self.pacer.hold(self.round, list(view), lambda p, r, w: self._await_peer(view[p], r, w))
-
-    async def _await_peer(self, peer: MembershipRecord, round: int, wait_s: float) -> None:
-        request = self._seal(KIND_AWAIT, encode_await(round, wait_s))
-        try:
-            reply = await self.transport.exchange(peer.peer_id, request, timeout=wait_s + 2.0,
-                                                  maddrs=peer.maddrs)
-        except (PeerUnreachable, MessageRejected) as exc:
-            logger.debug("await of round %d from %s failed: %s", round, peer.peer_id, exc)
-            return
-        try:
-            self._await_guard.check(self._open_from(peer.peer_id, reply, (KIND_PONG,)))
-        except ProtocolError as exc:
-            self._reject(peer.peer_id, exc)
 
     async def exchange(self, peers: Sequence[MembershipRecord], own: torch.Tensor) -> dict[str, torch.Tensor]:
         """Push ``own`` to every peer concurrently; return what they replied with (see ModelWire.keep)."""
@@ -476,7 +444,6 @@ class Node:
         """Train H steps, exchange with k sampled peers, merge, maybe evaluate."""
         cfg = self.config
         self.round += 1
-        self.pacer.advanced(self.round)
         if self._next_training is not None:  # --overlap: these steps ran during the last exchange
             start, loss = self._next_start, await self._next_training
             self._next_training = None
@@ -585,12 +552,10 @@ class Node:
         total = self.config.gossip.rounds
         while total == 0 or self.round < total:
             await self._unpaused.wait()
-            held = await self.hold_lead()
             r = await self.run_round()
             metrics.write("round", **self.counters(), round=r.round, train_loss=r.train_loss,
                           test_accuracy=r.test_accuracy, test_loss=r.test_loss, peers_in_view=r.peers_in_view,
                           pulled=r.pulled, pushed_to_us=r.pushed_to_us, exchange_s=r.exchange_s,
-                          lead_wait_s=round(held, 4),
                           **self.model_probe())
             for hook in self.round_hooks:
                 await hook()

@@ -7,9 +7,8 @@ node on loopback, node 0 first as the bootstrap peer). The systems differ only i
   ``DecentralizedAverager.step()`` in a group of all nodes (an all-reduce of the model vector);
 * a codec name (``dense``, ``fp16``, ``topk:0.01``, ...): ``p2pnode run`` with model gossip and that codec;
 * ``increments/CODEC``: ``p2pnode run --mode increments --codec CODEC``;
-* a p2pnode system with modifiers, each after an ``@``: ``@K`` fanout K instead of ``--fanout``
-  (``dense@7``); ``@expK`` fanout K on the exponential graph (``--peer-selection exponential``);
-  ``@leadL`` bounded lead ``--max-lead L`` (``dense@lead1``, ``dense@7@lead1``).
+* any p2pnode system with ``@K`` (``dense@7``): that system at fanout K instead of ``--fanout``; with
+  ``@expK`` (``dense@exp1``): fanout K on the exponential graph (``--peer-selection exponential``).
 
 Same task, shards, initial model, local steps, learning rate, batch size and seed; every node evaluates
 after every round on the same held-out subset (the first ``eval_samples`` test samples) and once at the
@@ -97,42 +96,23 @@ class E2EOptions:
                 "systems": list(self.systems)}
 
 
-@dataclass(frozen=True)
-class Modifiers:
-    """What a system's ``@`` modifiers change: fanout (None: the run's), peer selection, max lead."""
-
-    fanout: int | None = None
-    peer_selection: str = "random"
-    max_lead: int = 0
-
-    def node_args(self) -> list[str]:
-        args = [] if self.peer_selection == "random" else ["--peer-selection", self.peer_selection]
-        return args + (["--max-lead", str(self.max_lead)] if self.max_lead else [])
-
-
-def split_modifiers(system: str) -> tuple[str, Modifiers]:
-    """``"dense@7@lead1"`` -> ``("dense", Modifiers(7, "random", 1))``; ``"dense@exp1"`` ->
-    ``("dense", Modifiers(1, "exponential"))``; ``"dense"`` -> ``("dense", Modifiers())``."""
-    base, *mods = system.split("@")
-    if mods and (not base or base == HIVEMIND):
-        raise ValueError(f"unknown system {system!r}: only p2pnode systems take @ modifiers")
-    fanout, selection, lead = None, "random", 0
-    for mod in mods:
-        name = mod.rstrip("0123456789")
-        value = mod[len(name):]
-        if name not in ("", "exp", "lead") or not value or int(value) < 1:
-            raise ValueError(f"unknown system {system!r}: modifiers are @K, @expK (fanout K >= 1) and @leadL")
-        if name == "lead":
-            lead = int(value)
-        else:
-            fanout, selection = int(value), "exponential" if name == "exp" else "random"
-    return base, Modifiers(fanout, selection, lead)
+def split_fanout(system: str) -> tuple[str, int | None, str]:
+    """``"dense@7"`` -> ``("dense", 7, "random")``; ``"dense@exp1"`` -> ``("dense", 1, "exponential")``;
+    ``"dense"`` -> ``("dense", None, "random")`` (the run's ``--fanout``)."""
+    base, sep, k = system.rpartition("@")
+    if not sep:
+        return system, None, "random"
+    selection = "exponential" if k.startswith("exp") else "random"
+    k = k.removeprefix("exp")
+    if not k.isdigit() or int(k) < 1 or not base or base == HIVEMIND:
+        raise ValueError(f"unknown system {system!r}: a p2pnode system's @K or @expK has a fanout K >= 1")
+    return base, int(k), selection
 
 
 def parse_system(system: str) -> tuple[str, str]:
     """``"hivemind"`` -> ``("hivemind", "")``; ``"dense"`` (or ``"dense@7"``) -> ``("gossip", "dense")``;
     ``"increments/topk:0.01"`` -> ``("increments", "topk:0.01")``. Raises ValueError otherwise."""
-    system = split_modifiers(system)[0]
+    system = split_fanout(system)[0]
     if system == HIVEMIND:
         return HIVEMIND, ""
     mode, sep, codec = system.partition("/")
@@ -305,7 +285,7 @@ def summarize_run(events: list[dict[str, Any]], *, nodes: int, target: float, t0
 
 # -- running ---------------------------------------------------------------------------------------
 def _slug(system: str) -> str:
-    return system.replace(":", "-").replace("/", "-").replace("@", "-")
+    return system.replace(":", "-").replace("/", "-").replace("@", "-fanout")
 
 
 def run_one(opts: E2EOptions, system: str, repeat: int) -> dict[str, Any]:
@@ -313,10 +293,12 @@ def run_one(opts: E2EOptions, system: str, repeat: int) -> dict[str, Any]:
     from p2pnode.swarm import Swarm, SwarmOptions
 
     mode, codec = parse_system(system)
-    mods = split_modifiers(system)[1]
-    fanout = mods.fanout or opts.fanout
+    _, k, selection = split_fanout(system)
+    fanout = k or opts.fanout
     seed = opts.seed + repeat
-    extra = ["--eval-every", "1", "--eval-samples", str(opts.eval_samples), *mods.node_args()]
+    extra = ["--eval-every", "1", "--eval-samples", str(opts.eval_samples)]
+    if selection != "random":
+        extra += ["--peer-selection", selection]
     command: list[str] | None = None
     if mode == HIVEMIND:
         command = list(HIVEMIND_COMMAND)

@@ -12,7 +12,6 @@ import pytest
 
 from p2pnode.bench.e2e import (
     E2EOptions,
-    Modifiers,
     ProcessTreeCpu,
     acceptance,
     accuracy_curve,
@@ -20,7 +19,7 @@ from p2pnode.bench.e2e import (
     first_reaching,
     format_table,
     parse_system,
-    split_modifiers,
+    split_fanout,
     summarize_run,
 )
 from p2pnode.bench.e2e_hivemind import parse_args as parse_worker_args
@@ -43,15 +42,11 @@ def test_parse_system_names() -> None:
     assert parse_system("increments/topk:0.01") == ("increments", "topk:0.01")
     assert parse_system("gossip/fp16") == ("gossip", "fp16")
     assert parse_system("dense@7") == ("gossip", "dense")
-    assert split_modifiers("dense@7") == ("dense", Modifiers(7, "random", 0))
-    assert split_modifiers("topk:0.01@exp2") == ("topk:0.01", Modifiers(2, "exponential", 0))
-    assert split_modifiers("dense@7@lead1") == ("dense", Modifiers(7, "random", 1))
-    assert split_modifiers("dense@7@lead1")[1].node_args() == ["--max-lead", "1"]
-    assert split_modifiers("dense@exp1")[1].node_args() == ["--peer-selection", "exponential"]
-    assert split_modifiers("increments/topk:0.01") == ("increments/topk:0.01", Modifiers())
+    assert split_fanout("dense@7") == ("dense", 7, "random")
+    assert split_fanout("topk:0.01@exp2") == ("topk:0.01", 2, "exponential")
+    assert split_fanout("increments/topk:0.01") == ("increments/topk:0.01", None, "random")
     for bad in ("spsa/dense", "increments/", "a/b/c", "gossip/hivemind", "", "hivemind@2", "dense@0",
-                "dense@x", "@3", "dense@exp", "dense@exp0", "dense@lead", "dense@lead0", "dense@",
-                "dense@7x"):
+                "dense@x", "@3", "dense@exp", "dense@exp0"):
         with pytest.raises(ValueError, match="unknown system"):
             parse_system(bad)
 

@@ -23,7 +23,6 @@ from p2pnode.errors import MessageRejected
 from p2pnode.increments_node import KIND_INCREMENT, IncrementsNode
 from p2pnode.inproc import InprocOptions, InprocSwarm
 from p2pnode.node import KIND_PUSH, Node
-from p2pnode.pacing import KIND_AWAIT, encode_await
 from p2pnode.spsa_node import KIND_GOSSIP, KIND_STATE, SpsaNode
 from protocols.envelope import open_envelope, seal
 from tests.unit.test_fuzz_decoders import mutations
@@ -62,9 +61,7 @@ def _gossip(**kw: object) -> Setup:
     own = sender.trainer.get_flat()
     bodies = tuple(_payload(sender._seal_model(KIND_PUSH, own + scale, target.identity.peer_id)[0], "inproc")
                    for scale in (0.0, 0.01))
-    target.config.gossip.max_lead_wait_s = 0.05  # a mutated await waits at most this long
-    awaits = (encode_await(0, 0.0), encode_await(1, 0.01))
-    return Setup(target, sender, {KIND_PUSH: bodies, KIND_AWAIT: awaits}, itertools.count(2**62))
+    return Setup(target, sender, {KIND_PUSH: bodies}, itertools.count(2**62))
 
 
 def _spsa() -> Setup:

@@ -258,8 +258,7 @@ def add_e2e_bench(which: Any) -> None:
                    help=f"hivemind averager's min_matchmaking_time (default {e.matchmaking_s})")
     p.add_argument("--systems", type=_csv(str), default=e.systems,
                    help="hivemind | CODEC (gossip) | increments/CODEC, each p2pnode one optionally "
-                        "@K for fanout K (dense@7) or @expK for fanout K on the exponential graph "
-                        "(dense@exp1), comma-separated "
+                        "@K for fanout K (dense@7), comma-separated "
                         "(default: " + ",".join(e.systems) + ")")
     p.add_argument("--out-dir", type=Path, default=e.out_dir, help=f"swarm outputs (default {e.out_dir})")
     p.add_argument("--json", type=Path, default=e.json_path, help=f"results file (default {e.json_path})")

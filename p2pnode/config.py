@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from p2pnode.errors import ConfigError
-from p2pnode.peer_selection import PEER_SELECTIONS
 from protocols.codecs import make_codec
 
 _PARTITION_RE = re.compile(r"^(iid|dirichlet:(\d+(\.\d*)?|\.\d+)(e-?\d+)?)$")
@@ -148,9 +147,6 @@ class GossipConfig:
                      "scalars) | increments (compressed increments to every peer, FedAvg with error "
                      "feedback; --defense mean only)", "gossip")
     fanout: int = _doc("peers sampled for a push-pull exchange each round (k)", 2)
-    peer_selection: str = _doc("how the k peers are chosen: random (uniform over the view) | exponential "
-                               "(partner i ± 2^(round mod log2 n) by peer-id rank: the exact average "
-                               "after log2 n rounds for n a power of 2; Ying et al. 2021)", "random")
     defense: str = _doc("merge rule NAME[:ARGS]: mean | nna:F | median | trimmed-mean:F | krum:F | "
                         "multi-krum:F,M | centered-clip:TAU | sybilwall | bristle[:ALPHA]", "mean")
     variance_correction: bool = _doc("rescale each merged layer's spread to the inputs' mean variance "
@@ -183,11 +179,6 @@ class GossipConfig:
         _require(self.increments_warmup >= 0, "gossip.increments_warmup", self.increments_warmup,
                  "integer >= 0")
         _require(self.fanout >= 0, "gossip.fanout", self.fanout, "integer >= 0")
-        _require(self.peer_selection in PEER_SELECTIONS, "gossip.peer_selection", self.peer_selection,
-                 " | ".join(PEER_SELECTIONS))
-        _require(self.peer_selection == "random" or not self.defense.startswith("bristle"),
-                 "gossip.peer_selection", self.peer_selection, "random with --defense bristle (Bristle "
-                 "chooses its peers itself)")
         _require(self.max_inbox >= 1, "gossip.max_inbox", self.max_inbox, "integer >= 1")
         _require(0.0 <= self.consensus_step <= 1.0, "gossip.consensus_step", self.consensus_step,
                  "float in (0, 1], or 0 for auto")

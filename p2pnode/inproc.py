@@ -51,7 +51,6 @@ class InprocOptions:
     task: str = "fashion-mnist"
     partition: str = "iid"
     fanout: int = 2
-    peer_selection: str = "random"  # GossipConfig.peer_selection: random | exponential
     local_steps: int = 20
     batch_size: int = 32
     lr: float = 0.05
@@ -115,7 +114,7 @@ def node_config(opts: InprocOptions, i: int) -> NodeConfig:
                       local_steps=opts.local_steps, eval_every=opts.eval_every or 10**9,
                       eval_samples=opts.eval_samples)
     gossip = GossipConfig(rounds=opts.rounds, fanout=opts.fanout, defense=opts.defense, codec=opts.codec,
-                          mode=opts.mode, overlap=opts.overlap, peer_selection=opts.peer_selection,
+                          mode=opts.mode, overlap=opts.overlap,
                           variance_correction=opts.variance_correction)
     spsa = SpsaConfig(**opts.extra.get("spsa", {}))
     cfg = NodeConfig(device=opts.device, seed=opts.seed, task=task, gossip=gossip, spsa=spsa,

@@ -39,7 +39,6 @@ from p2pnode.config import NodeConfig
 from p2pnode.errors import ConfigError, MessageRejected, P2PNodeError, PeerUnreachable, TransportClosed
 from p2pnode.identity import Identity, load_or_create_identity, require_identity_pow
 from p2pnode.outputs import MetricsWriter, write_json_atomic
-from p2pnode.peer_selection import exponential_partners
 from p2pnode.peerguard import PeerGuard, guard_limits, reason_of
 from p2pnode.tasks import ShardSpec, make_task
 from p2pnode.trainer import LocalTrainer, limit_threads, resolve_device, spec_fingerprint
@@ -509,12 +508,7 @@ class Node:
         await asyncio.to_thread(self.trainer.add_flat_, delta if step == 1.0 else step * delta)
 
     def _pick_peers(self, own: torch.Tensor, k: int) -> list[MembershipRecord]:
-        """k live peers: uniformly at random, on the exponential graph (p2pnode/peer_selection.py), or by
-        Bristle's distance-based prioritizer."""
-        if self._bristle is None and self.config.gossip.peer_selection == "exponential":
-            view = {p.peer_id: p for p in self.membership.live()}
-            partners = exponential_partners(self.identity.peer_id, list(view), self.round, k)
-            return [view[p] for p in partners]
+        """k live peers: uniformly at random, or by Bristle's distance-based prioritizer."""
         if self._bristle is None:
             return self.membership.sample(k)
         live = self.membership.live()

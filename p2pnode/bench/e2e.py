@@ -7,8 +7,7 @@ node on loopback, node 0 first as the bootstrap peer). The systems differ only i
   ``DecentralizedAverager.step()`` in a group of all nodes (an all-reduce of the model vector);
 * a codec name (``dense``, ``fp16``, ``topk:0.01``, ...): ``p2pnode run`` with model gossip and that codec;
 * ``increments/CODEC``: ``p2pnode run --mode increments --codec CODEC``;
-* any p2pnode system with ``@K`` (``dense@7``): that system at fanout K instead of ``--fanout``; with
-  ``@expK`` (``dense@exp1``): fanout K on the exponential graph (``--peer-selection exponential``).
+* any p2pnode system with ``@K`` (``dense@7``): that system at fanout K instead of ``--fanout``.
 
 Same task, shards, initial model, local steps, learning rate, batch size and seed; every node evaluates
 after every round on the same held-out subset (the first ``eval_samples`` test samples) and once at the
@@ -96,23 +95,20 @@ class E2EOptions:
                 "systems": list(self.systems)}
 
 
-def split_fanout(system: str) -> tuple[str, int | None, str]:
-    """``"dense@7"`` -> ``("dense", 7, "random")``; ``"dense@exp1"`` -> ``("dense", 1, "exponential")``;
-    ``"dense"`` -> ``("dense", None, "random")`` (the run's ``--fanout``)."""
+def split_fanout(system: str) -> tuple[str, int | None]:
+    """``"dense@7"`` -> ``("dense", 7)``; ``"dense"`` -> ``("dense", None)`` (the run's ``--fanout``)."""
     base, sep, k = system.rpartition("@")
     if not sep:
-        return system, None, "random"
-    selection = "exponential" if k.startswith("exp") else "random"
-    k = k.removeprefix("exp")
+        return system, None
     if not k.isdigit() or int(k) < 1 or not base or base == HIVEMIND:
-        raise ValueError(f"unknown system {system!r}: a p2pnode system's @K or @expK has a fanout K >= 1")
-    return base, int(k), selection
+        raise ValueError(f"unknown system {system!r}: a p2pnode system's @K is a fanout K >= 1")
+    return base, int(k)
 
 
 def parse_system(system: str) -> tuple[str, str]:
     """``"hivemind"`` -> ``("hivemind", "")``; ``"dense"`` (or ``"dense@7"``) -> ``("gossip", "dense")``;
     ``"increments/topk:0.01"`` -> ``("increments", "topk:0.01")``. Raises ValueError otherwise."""
-    system = split_fanout(system)[0]
+    system, _ = split_fanout(system)
     if system == HIVEMIND:
         return HIVEMIND, ""
     mode, sep, codec = system.partition("/")
@@ -293,12 +289,9 @@ def run_one(opts: E2EOptions, system: str, repeat: int) -> dict[str, Any]:
     from p2pnode.swarm import Swarm, SwarmOptions
 
     mode, codec = parse_system(system)
-    _, k, selection = split_fanout(system)
-    fanout = k or opts.fanout
+    fanout = split_fanout(system)[1] or opts.fanout
     seed = opts.seed + repeat
     extra = ["--eval-every", "1", "--eval-samples", str(opts.eval_samples)]
-    if selection != "random":
-        extra += ["--peer-selection", selection]
     command: list[str] | None = None
     if mode == HIVEMIND:
         command = list(HIVEMIND_COMMAND)

@@ -527,7 +527,7 @@ class Node:
                 "bytes_received": stats.bytes_received,
                 "messages_rejected": (self.messages_rejected + self.membership.rejected
                                       + stats.frames_rejected),
-                "codec_resyncs": self.wire.resyncs,
+                "peers_banned": self.guard.bans, "codec_resyncs": self.wire.resyncs,
                 "local_divergences": self.local_divergences}
 
     # -- operator control: between two rounds, a paused node waits (it still serves peers and heartbeats)

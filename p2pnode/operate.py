@@ -93,7 +93,8 @@ class Operations:
         return {**node.counters(), "t": time.time(), "mode": self.config.gossip.mode, "round": node.round,
                 "train_loss": last.get("train_loss"), "test_accuracy": last.get("test_accuracy"),
                 "test_loss": last.get("test_loss"), "peers_in_view": len(node.membership.live()),
-                "control_rejected": self.control_rejected, "paused": node.paused}
+                "control_rejected": self.control_rejected, "checkpoint_errors": self.checkpoint_errors,
+                "paused": node.paused}
 
     async def run(self) -> None:
         """Start the Prometheus endpoint and run the MQTT link (if configured) until cancelled."""

@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 TOPIC_ROOT = "p2pnode"
 TELEMETRY_KEYS = ("t", "peer_id", "role", "mode", "round", "train_loss", "test_accuracy", "test_loss",
-                  "peers_in_view", "bytes_sent", "bytes_received", "messages_rejected", "control_rejected",
-                  "paused")
+                  "peers_in_view", "bytes_sent", "bytes_received", "messages_rejected", "peers_banned",
+                  "control_rejected", "checkpoint_errors", "paused")
 KEEPALIVE_S = 10  # the broker declares a silent node offline after 1.5x this
 RETRY_S = (0.5, 1.0, 2.0, 5.0)  # reconnect back-off; the last value repeats
 
@@ -174,7 +174,9 @@ _COUNTERS = {
     "bytes_sent": "bytes sent on the transport",
     "bytes_received": "bytes received on the transport",
     "messages_rejected": "peer messages rejected (bad signature, size, replay, malformed, ...)",
+    "peers_banned": "bans this node gave peers for misbehaving (rejected messages past --ban-after)",
     "control_rejected": "operator commands rejected (unsigned, untrusted, forged, stale, replayed, ...)",
+    "checkpoint_errors": "checkpoint writes that failed (disk full, directory gone, ...); training went on",
 }
 
 

@@ -63,6 +63,7 @@ def test_a_peer_sending_garbage_is_banned_then_refused_unread_and_honest_exchang
                 await sender.exchange(b.identity.peer_id, b"\x93\x01\x02garbage", timeout=5)
         assert b.guard.is_banned(mallory.peer_id)
         assert parsed.calls == ban_after
+        assert b.counters()["peers_banned"] == 1  # in every metrics row and in telemetry
 
         valid = _sealed_push(mallory, b, a.trainer.get_flat(), seq=1)  # even a valid push is refused now
         with pytest.raises(MessageRejected, match="refused: banned"):

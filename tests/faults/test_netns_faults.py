@@ -78,8 +78,11 @@ def test_the_swarm_learns_with_20_percent_packet_loss_on_every_node(tmp_path: Pa
     opts = SwarmOptions(nodes=nodes, rounds=rounds, task="digits", out=tmp_path / "run", linger_s=10.0,
                         extra_args=["--wait-peers-s", "120"])
     with NetnsLab(nodes) as lab, NetnsSwarm(opts, lab) as swarm:
-        swarm.start()
+        # loss from the start: installed after start(), the rules came too late under load (a digits round
+        # takes ~0.1 s; in one loaded run the 4 nodes' 12 rounds were over before the 8 iptables calls,
+        # and the rules counted 25 packets)
         lab.loss(range(nodes), 0.2)
+        swarm.start()
         finished = swarm.wait_finished(timeout=180)
         counts = [lab.loss_counts(i) for i in range(nodes)]
         progress = swarm.poll_progress()

@@ -60,8 +60,10 @@ def test_a_frozen_node_does_not_stall_the_others_and_resumes_after_sigcont(tmp_p
         try:
             time.sleep(frozen_s)
         finally:
+            # the clock is read before the SIGCONT: read after it, a loaded machine can run the victim
+            # (and let it write a round row) before this thread reads the clock
+            t_cont = time.time()
             os.killpg(swarm.processes[victim].pid, signal.SIGCONT)
-        t_cont = time.time()
         at_cont = swarm.poll_progress()[victim].round
         _wait_rounds(swarm, [victim], at_cont + 3, timeout_s=60)
         time.sleep(2.0)

@@ -336,6 +336,9 @@ def add_partition_bench(which: Any) -> None:
                    help="recompute --json (and --plot) from its run directory's metrics, running nothing")
     p.add_argument("--max-cut-s", type=float, default=None,
                    help="heal after this many seconds of partition if --heal-at has not come yet")
+    p.add_argument("--min-cut-s", type=float, default=o.min_cut_s,
+                   help="do not heal before the partition has lasted this many seconds, even at --heal-at "
+                        f"(default {o.min_cut_s:g}; views shrink only after --record-ttl-s)")
     p.add_argument("--node-flags", default="",
                    help="extra `p2pnode run` flags for every node, one string "
                         "(e.g. --node-flags='--timeout-exchange 4')")
@@ -356,7 +359,7 @@ def run_partition_bench_cli(ns: argparse.Namespace) -> int:
         print(format_report(reanalyze(ns.json, ns.plot)))
         return 0
     names = ("nodes", "rounds", "cut_at", "heal_at", "local_steps", "fanout", "seed", "probe_coords",
-             "window", "task", "max_cut_s")
+             "window", "task", "max_cut_s", "min_cut_s")
     try:
         opts = PartitionOptions(**{n: getattr(ns, n) for n in names},
                                 node_args=tuple(shlex.split(ns.node_flags)), out_dir=ns.out_dir,

@@ -195,7 +195,9 @@ def create_dht(identity_path: str, *, swarm: str, initial_peers: Sequence[str], 
                max_ttl_s: float = DEFAULT_MAX_TTL_S, pow_bits: int = 0) -> hivemind.DHT:
     """Start a hivemind DHT whose libp2p identity is the p2pnode key at ``identity_path``.
 
-    Blocks for up to ``wait_timeout`` seconds (call it through ``asyncio.to_thread`` from a loop).
+    Blocks for up to ``wait_timeout`` seconds (call it through ``asyncio.to_thread`` from a loop). When no
+    initial peer answers hivemind's bootstrap ping (one try of a few seconds; on a lossy link a SYN or the
+    handshake can be lost), the start is retried with a fresh DHT until ``wait_timeout`` is spent.
 
     Raises
     ------
@@ -210,6 +212,36 @@ def create_dht(identity_path: str, *, swarm: str, initial_peers: Sequence[str], 
     """
     if not os.path.isfile(identity_path):
         raise IdentityError(f"{identity_path}: no such key file (create it with save_identity first)")
+    deadline = time.monotonic() + wait_timeout
+    for attempt in range(1, 1_000):
+        try:
+            return _start_dht(identity_path, swarm=swarm, initial_peers=initial_peers,
+                              host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
+                              wait_timeout=max(deadline - time.monotonic(), 1.0), max_ttl_s=max_ttl_s,
+                              pow_bits=pow_bits)
+        except _BootstrapFailed as failed:
+            left = deadline - time.monotonic()
+            if left < BOOTSTRAP_RETRY_MIN_S:
+                raise _start_error(failed.cause, initial_peers, wait_timeout, attempt) from failed.cause
+            logger.warning("no initial peer answered (try %d, %.0fs left), starting the DHT again: %s",
+                           attempt, left, failed.cause)
+            time.sleep(min(BOOTSTRAP_RETRY_PAUSE_S * attempt, left - BOOTSTRAP_RETRY_MIN_S / 2))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+BOOTSTRAP_RETRY_MIN_S = 4.0  # one hivemind bootstrap try: its 3 s ping timeout plus the daemon's start
+BOOTSTRAP_RETRY_PAUSE_S = 0.5
+
+
+class _BootstrapFailed(Exception):
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _start_dht(identity_path: str, *, swarm: str, initial_peers: Sequence[str], host_maddrs: Sequence[str],
+               announce_maddrs: Sequence[str], wait_timeout: float, max_ttl_s: float,
+               pow_bits: int) -> hivemind.DHT:
     validator = Ed25519RecordValidator([swarm], max_ttl_s=max_ttl_s, pow_bits=pow_bits)
     try:
         dht = hivemind.DHT(
@@ -224,6 +256,8 @@ def create_dht(identity_path: str, *, swarm: str, initial_peers: Sequence[str], 
         dht.wait_until_ready(timeout=wait_timeout)
     except Exception as exc:
         dht.shutdown()
+        if initial_peers and "bootstrap" in str(exc):
+            raise _BootstrapFailed(exc) from exc
         raise _start_error(exc, initial_peers, wait_timeout) from exc
     except BaseException:
         dht.shutdown()
@@ -231,10 +265,12 @@ def create_dht(identity_path: str, *, swarm: str, initial_peers: Sequence[str], 
     return dht
 
 
-def _start_error(exc: Exception, initial_peers: Sequence[str], wait_timeout: float) -> P2PNodeError:
+def _start_error(exc: Exception, initial_peers: Sequence[str], wait_timeout: float,
+                 attempts: int = 1) -> P2PNodeError:
     text = str(exc)
     if initial_peers and ("bootstrap" in text or isinstance(exc, concurrent.futures.TimeoutError)):
-        return PeerUnreachable(f"none of the initial peers answered within {wait_timeout:g}s: "
+        tries = f" ({attempts} tries)" if attempts > 1 else ""
+        return PeerUnreachable(f"none of the initial peers answered within {wait_timeout:g}s{tries}: "
                                f"{', '.join(initial_peers)} ({text or type(exc).__name__})")
     if isinstance(exc, ValueError) and not isinstance(exc, P2PDaemonError):
         return ConfigError("network.host_maddrs/announce_maddrs", text,

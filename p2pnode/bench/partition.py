@@ -4,7 +4,8 @@ N node processes (``p2pnode run``, libp2p transport, DHT membership), each in it
 on a private bridge (:mod:`p2pnode.bench.netns`), every node started with ``--probe-coords``. When the
 median node finishes round ``cut_at``, every packet between the first and the second half is dropped
 (iptables, both directions); when the median node finishes round ``heal_at`` (or, with ``max_cut_s``,
-once the partition has lasted that long), the rules are removed.
+once the partition has lasted that long; with ``min_cut_s``, not before it has lasted that long), the rules
+are removed.
 The nodes are never told: they find out through timeouts and expiring membership records.
 
 Reported per round (:mod:`p2pnode.bench.probes`): the mean pairwise probe distance within each half,
@@ -45,6 +46,9 @@ class PartitionOptions:
     cut_at: int = 15  # partition once the median node has finished this round
     heal_at: int = 35  # heal once the median node has finished this round
     max_cut_s: float | None = None  # heal after this many seconds of partition even before heal_at
+    # and not before this many: the views shrink only once the other half's records expire (--record-ttl-s,
+    # 8 s, plus a heartbeat or two); on a starved machine a short cut of fast rounds ends before that
+    min_cut_s: float = 0.0
     task: str = "fashion-mnist"
     local_steps: int = 20
     fanout: int = 2
@@ -65,6 +69,8 @@ class PartitionOptions:
                              f"({self.heal_at}) < rounds ({self.rounds})")
         if self.max_cut_s is not None and not self.max_cut_s > 0:
             raise ValueError(f"max_cut_s must be > 0 seconds, got {self.max_cut_s}")
+        if not self.min_cut_s >= 0 or (self.max_cut_s is not None and self.min_cut_s > self.max_cut_s):
+            raise ValueError(f"min_cut_s must be >= 0 and <= max_cut_s, got {self.min_cut_s}")
         if not 1 <= self.probe_coords <= 4096:
             raise ValueError(f"probe_coords must be 1 … 4096, got {self.probe_coords}")
 
@@ -79,15 +85,19 @@ def _mark(swarm: Swarm) -> dict[str, Any]:
     return {"t": time.time(), "rounds": rounds, "median": statistics.median_low(rounds)}
 
 
-def _cut_for(marks: dict[str, Any], opts: PartitionOptions) -> bool:
-    """The partition has lasted ``max_cut_s`` (when set)."""
-    return opts.max_cut_s is not None and time.time() - marks["cut"]["t"] >= opts.max_cut_s
+def _heal_now(marks: dict[str, Any], median: int, opts: PartitionOptions) -> bool:
+    """The median node is at ``heal_at`` and the cut has lasted ``min_cut_s``, or it has lasted
+    ``max_cut_s`` (when set)."""
+    lasted = time.time() - marks["cut"]["t"]
+    if opts.max_cut_s is not None and lasted >= opts.max_cut_s:
+        return True
+    return median >= opts.heal_at and lasted >= opts.min_cut_s
 
 
 def drive(swarm: Swarm, lab: NetnsLab, opts: PartitionOptions, *, timeout_s: float,
           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Cut at ``cut_at`` and heal at ``heal_at`` (median round; or after ``max_cut_s`` seconds of
-    partition when that comes first) while the swarm runs; return the marks.
+    """Cut at ``cut_at`` and heal at ``heal_at`` (median round, once the cut has lasted ``min_cut_s``; or
+    after ``max_cut_s`` seconds of partition when that comes first) while the swarm runs; return the marks.
 
     Returns ``{"cut": mark, "heal": mark}``, each ``{"t": unix time, "rounds": [round per node],
     "median": …}`` taken just before the fault change; a mark is missing if the swarm ended first.
@@ -105,7 +115,7 @@ def drive(swarm: Swarm, lab: NetnsLab, opts: PartitionOptions, *, timeout_s: flo
             lab.partition(group_a, group_b)
             if progress:
                 progress(f"cut at rounds {marks['cut']['rounds']}")
-        elif "cut" in marks and "heal" not in marks and (median >= opts.heal_at or _cut_for(marks, opts)):
+        elif "cut" in marks and "heal" not in marks and _heal_now(marks, median, opts):
             marks["heal"] = _mark(swarm)
             lab.heal()
             if progress:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import pickle
 import random
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -337,9 +339,43 @@ def test_unreachable_initial_peer_is_peer_unreachable(tmp_path: Path) -> None:
     path = save_identity(Identity.generate(), tmp_path / "lonely.key")
     nobody = f"/ip4/127.0.0.1/tcp/9/p2p/{Identity.generate().peer_id}"
 
-    with pytest.raises(PeerUnreachable, match="initial peers"):
+    started = time.monotonic()
+    with pytest.raises(PeerUnreachable, match=r"initial peers answered within 12s \(\d+ tries\)"):
         create_dht(str(path), swarm=SWARM, initial_peers=[nobody], host_maddrs=LOOPBACK, announce_maddrs=[],
-                   wait_timeout=20.0)
+                   wait_timeout=12.0)
+    # it tried again until the deadline, and gave up by then (one try lasts a few seconds)
+    assert 8.0 <= time.monotonic() - started <= 12.0 + 8.0
+
+
+def test_a_node_whose_initial_peer_comes_up_late_retries_until_it_answers(tmp_path: Path) -> None:
+    # the bootstrap peer's address is fixed in advance; it starts 6 s after the joiner, whose first try
+    # (hivemind's one bootstrap ping) fails: a lost SYN on a lossy link looks the same to the joiner
+    late = Identity.generate()
+    late_path = save_identity(late, tmp_path / "late.key")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"/ip4/127.0.0.1/tcp/{port}/p2p/{late.peer_id}"
+    joiner_path = save_identity(Identity.generate(), tmp_path / "joiner.key")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        joining = pool.submit(create_dht, str(joiner_path), swarm=SWARM, initial_peers=[address],
+                              host_maddrs=LOOPBACK, announce_maddrs=[], wait_timeout=40.0)
+        time.sleep(6.0)
+        assert not joining.done()
+        bootstrap = create_dht(str(late_path), swarm=SWARM, initial_peers=[],
+                               host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"], announce_maddrs=[])
+        try:
+            joiner = joining.result(timeout=40.0)
+            try:
+                assert late.peer_id in {str(p) for p in joiner.run_coroutine(_routing_peers)}
+            finally:
+                joiner.shutdown()
+        finally:
+            bootstrap.shutdown()
+
+
+async def _routing_peers(dht: object, node: object) -> list[object]:
+    return list(node.protocol.routing_table.peer_id_to_uid)  # type: ignore[attr-defined]
 
 
 def test_missing_identity_file_is_refused(tmp_path: Path) -> None:

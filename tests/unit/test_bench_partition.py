@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
 
 from p2pnode.bench import probes as pr
 from p2pnode.bench.netns import NetnsLab
-from p2pnode.bench.partition import PartitionOptions, analyze, format_report, plot
+from p2pnode.bench.partition import PartitionOptions, _heal_now, analyze, format_report, plot
 
 
 def _events(rounds: int, spread: dict[int, float], cut: tuple[int, int]) -> list[dict]:
@@ -120,7 +121,8 @@ def test_analyze_finds_the_partition_and_the_recovery(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kw", [{"nodes": 5}, {"nodes": 2}, {"cut_at": 40}, {"heal_at": 70},
-                                {"window": 15}, {"probe_coords": 0}, {"max_cut_s": 0.0}])
+                                {"window": 15}, {"probe_coords": 0}, {"max_cut_s": 0.0},
+                                {"min_cut_s": -1.0}, {"max_cut_s": 5.0, "min_cut_s": 6.0}])
 def test_partition_options_are_checked(kw: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kw))):
         PartitionOptions(**kw)
@@ -136,3 +138,17 @@ def test_lab_names_and_addresses_need_no_root() -> None:
         NetnsLab(2, subnet="8.8.8.0/24")
     with pytest.raises(ValueError, match="at most 11"):
         NetnsLab(2, prefix="a-very-long-prefix")
+
+
+def test_the_heal_waits_for_heal_at_and_min_cut_s_or_comes_at_max_cut_s() -> None:
+    opts = PartitionOptions(heal_at=20, min_cut_s=16.0, max_cut_s=30.0)
+    now = time.time()
+
+    def heal(median: int, lasted: float) -> bool:
+        return _heal_now({"cut": {"t": now - lasted}}, median, opts)
+
+    assert not heal(20, 10.0)  # heal_at reached, but the other half's records have not expired yet
+    assert not heal(19, 20.0)
+    assert heal(20, 16.5)
+    assert heal(5, 30.5)  # max_cut_s comes first
+    assert _heal_now({"cut": {"t": now}}, 20, PartitionOptions(heal_at=20))  # no minimum by default

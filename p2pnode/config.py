@@ -50,6 +50,8 @@ class TaskConfig:
     local_steps: int = _doc("local SGD steps between two gossip exchanges (H)", 20)
     polyak: bool = _doc("Polyak momentum m = βm + (1−β)g (MoNNA) instead of heavy-ball m = βm + g", False)
     lr_tau: float = _doc("learning-rate decay lr / (1 + step/τ) as in MoNNA (0 = constant)", 0.0)
+    max_grad_norm: float = _doc("clip each local step's gradient to this L2 norm (0 = off); keeps local SGD "
+                                "from diverging on shards of one or two classes (e.g. dirichlet:0.1)", 0.0)
     eval_every: int = _doc("evaluate on the held-out test split every this many rounds", 1)
     eval_samples: int = _doc("test samples used for per-round evaluation (the final one uses all)", 2000)
 
@@ -68,6 +70,7 @@ class TaskConfig:
         _require(0 <= self.momentum < 1, "task.momentum", self.momentum, "0 <= momentum < 1")
         _require(self.local_steps >= 1, "task.local_steps", self.local_steps, "integer >= 1")
         _require(self.lr_tau >= 0, "task.lr_tau", self.lr_tau, "float >= 0 (0 = constant)")
+        _require(self.max_grad_norm >= 0, "task.max_grad_norm", self.max_grad_norm, "float >= 0 (0 = off)")
         _require(self.eval_every >= 1, "task.eval_every", self.eval_every, "integer >= 1")
         _require(self.eval_samples >= 1, "task.eval_samples", self.eval_samples, "integer >= 1")
 

@@ -54,6 +54,7 @@ class InprocOptions:
     local_steps: int = 20
     batch_size: int = 32
     lr: float = 0.05
+    max_grad_norm: float = 0.0  # TaskConfig.max_grad_norm: clip each local step's gradient (0 = off)
     defense: str = "mean"
     codec: str = "dense"
     mode: str = "gossip"  # | "increments" | "spsa" (``extra`` may then hold SpsaConfig fields: {"lr": 1e-4})
@@ -112,7 +113,7 @@ def node_config(opts: InprocOptions, i: int) -> NodeConfig:
     task = TaskConfig(name=opts.task, data_dir=opts.data_dir, partition=opts.partition, shard=shard.index,
                       num_shards=shard.count, batch_size=opts.batch_size, lr=opts.lr,
                       local_steps=opts.local_steps, eval_every=opts.eval_every or 10**9,
-                      eval_samples=opts.eval_samples)
+                      eval_samples=opts.eval_samples, max_grad_norm=opts.max_grad_norm)
     gossip = GossipConfig(rounds=opts.rounds, fanout=opts.fanout, defense=opts.defense, codec=opts.codec,
                           mode=opts.mode, overlap=opts.overlap,
                           variance_correction=opts.variance_correction)

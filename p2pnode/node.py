@@ -568,7 +568,8 @@ def _build_trainer(config: NodeConfig, task: Any = None) -> LocalTrainer:
     model = task.build_model(config.seed)  # one seed for the swarm: every node starts from the same weights
     return LocalTrainer(model, data, lr=t.lr, momentum=t.momentum, batch_size=t.batch_size,
                         device=resolve_device(config.device), seed=config.seed * 100_003 + t.shard,
-                        val_fraction=validation_fraction(config), polyak=t.polyak, lr_tau=t.lr_tau)
+                        val_fraction=validation_fraction(config), polyak=t.polyak, lr_tau=t.lr_tau,
+                           max_grad_norm=t.max_grad_norm)
 
 
 def validation_fraction(config: NodeConfig) -> float:

@@ -173,6 +173,7 @@ class LocalTrainer:
         val_fraction: float = 0.0,
         polyak: bool = False,
         lr_tau: float = 0.0,
+        max_grad_norm: float = 0.0,
     ) -> None:
         if len(data.train_y) == 0:
             raise TaskError("this node's training shard is empty; use fewer shards or another partition")
@@ -202,6 +203,7 @@ class LocalTrainer:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum,
                                          dampening=momentum if polyak else 0.0)
         self.base_lr, self.lr_tau = lr, lr_tau
+        self.max_grad_norm = max_grad_norm  # > 0: each step's gradient is clipped to this L2 norm
         self._generator = torch.Generator().manual_seed(seed % 2**64)
         self._perm = torch.empty(0, dtype=torch.int64, device=device)
         self._cursor = 0
@@ -231,6 +233,8 @@ class LocalTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(self.model(self.train_x[idx]), self.train_y[idx])
                 loss.backward()
+                if self.max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
                 self.optimizer.step()
                 self.steps_done += 1
             total += loss.detach()

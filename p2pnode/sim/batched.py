@@ -65,6 +65,18 @@ def activation_elements(model: nn.Module, sample: torch.Tensor) -> int:
     return max(1, sum(total))
 
 
+def clip_rows(grads: dict[str, torch.Tensor], max_norm: float) -> dict[str, torch.Tensor]:
+    """Clip each row's gradient to L2 norm ``max_norm`` over all its parameters, as
+    ``torch.nn.utils.clip_grad_norm_`` does for one model (scale ``max_norm / (norm + 1e-6)``, at most 1).
+
+    ``grads``: ``{name: (m, *shape)}``; returns new tensors of the same shapes.
+    """
+    sq = sum(g.detach().pow(2).flatten(1).sum(1) for g in grads.values())  # (m,)
+    assert isinstance(sq, torch.Tensor)
+    scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # (m,)
+    return {name: g * scale.view(-1, *([1] * (g.dim() - 1))) for name, g in grads.items()}
+
+
 class _Sampler:
     """One row's mini-batch order: LocalTrainer's seeded permutation and cursor, several steps at once."""
 
@@ -116,7 +128,7 @@ class ModelStack:
         The shared test split.
     num_classes
         Classes of the task.
-    lr, momentum, polyak, lr_tau
+    lr, momentum, polyak, lr_tau, max_grad_norm
         The SGD settings of :class:`~p2pnode.trainer.LocalTrainer`.
     device
         Where the stack lives and trains.
@@ -126,7 +138,8 @@ class ModelStack:
 
     def __init__(self, template: nn.Module, init: torch.Tensor, *, test_x: torch.Tensor, test_y: torch.Tensor,
                  num_classes: int, lr: float, momentum: float, polyak: bool = False, lr_tau: float = 0.0,
-                 device: torch.device | str = "cpu", budget: int = DEFAULT_BUDGET) -> None:
+                 max_grad_norm: float = 0.0, device: torch.device | str = "cpu",
+                 budget: int = DEFAULT_BUDGET) -> None:
         if not stackable(template):
             raise ValueError("this model has buffers (e.g. BatchNorm statistics): it cannot be stacked")
         self.device = torch.device(device)
@@ -147,6 +160,7 @@ class ModelStack:
         self.has_momentum = torch.zeros(self.n, dtype=torch.bool, device=self.device)
         self.steps_done = [0] * self.n
         self.lr, self.momentum, self.lr_tau = lr, momentum, lr_tau
+        self.max_grad_norm = max_grad_norm
         self.dampening = momentum if polyak else 0.0
         self.test_x, self.test_y = test_x.to(self.device), test_y.to(self.device)
         self.num_classes = num_classes
@@ -269,6 +283,8 @@ class ModelStack:
             b = idx[:, s]
             grads, loss = self._grad(views, x_all[b], y_all[b], weight)
             total += loss.detach()
+            if self.max_grad_norm > 0:
+                grads = clip_rows(grads, self.max_grad_norm)
             lr: float | torch.Tensor = self.lr
             if self.lr_tau > 0:
                 lr = self.lr / (1.0 + (done + s) / self.lr_tau)

@@ -97,6 +97,9 @@ def add_simulate(sub: Any) -> None:
                    help="local SGD mini-batch size (a smaller shard trains on all of it; default 32)")
     g.add_argument("--lr", type=float, default=0.05, metavar="X",
                    help="local SGD learning rate (default 0.05)")
+    g.add_argument("--max-grad-norm", type=float, default=0.0, metavar="X",
+                   help="clip each local step's gradient to this L2 norm (default 0: off); keeps local SGD "
+                        "finite on shards of one or two classes (e.g. --partition dirichlet:0.1)")
     g.add_argument("--independent-init", action="store_true",
                    help="each node starts from its own random weights (default: one shared initial model)")
     g.add_argument("--eval-every", type=int, default=0, metavar="N",
@@ -189,6 +192,7 @@ def _options(ns: argparse.Namespace) -> Any:
                       partition=ns.partition,
                       codec=ns.codec, defense=ns.defense, variance_correction=ns.variance_correction,
                       fanout=ns.fanout, local_steps=ns.local_steps, batch_size=ns.batch_size, lr=ns.lr,
+                      max_grad_norm=ns.max_grad_norm,
                       independent_init=ns.independent_init, eval_every=ns.eval_every,
                       eval_samples=ns.eval_samples, final_eval_samples=ns.final_eval_samples,
                       latency_ms=ns.latency_ms, bandwidth_mbps=ns.bandwidth_mbps, link_jitter=ns.link_jitter,

@@ -230,7 +230,8 @@ class Simulation:
             self.stack = ModelStack(template, initial_rows(task.build_model, init_seeds),
                                     test_x=datas[0].test_x, test_y=datas[0].test_y,
                                     num_classes=datas[0].num_classes, lr=t.lr, momentum=t.momentum,
-                                    polyak=t.polyak, lr_tau=t.lr_tau, device=device)
+                                    polyak=t.polyak, lr_tau=t.lr_tau, max_grad_norm=t.max_grad_norm,
+                                    device=device)
             for i, (data, cfg) in enumerate(zip(datas, configs)):
                 self.stack.set_data(i, data.train_x, data.train_y, batch_size=cfg.task.batch_size,
                                     seed=opts.seed * 100_003 + specs[i].index,
@@ -242,7 +243,7 @@ class Simulation:
                                      device=device,
                                      seed=opts.seed * 100_003 + specs[i].index,
                                      val_fraction=validation_fraction(cfg), polyak=cfg.task.polyak,
-                                     lr_tau=cfg.task.lr_tau)
+                                     lr_tau=cfg.task.lr_tau, max_grad_norm=cfg.task.max_grad_norm)
                         for i, (data, cfg) in enumerate(zip(datas, configs))]
         del datas
         identities = [Identity.generate() for _ in range(n)]

@@ -14,26 +14,29 @@ from p2pnode.trainer import LocalTrainer
 
 
 def _setup(n: int, *, batch_size: int = 32, val_fraction: float = 0.0, polyak: bool = False,
-           lr_tau: float = 0.0) -> tuple[ModelStack, list[LocalTrainer], list]:
+           lr_tau: float = 0.0, max_grad_norm: float = 0.0) -> tuple[ModelStack, list[LocalTrainer], list]:
     task = make_task("digits")
     datas, _ = load_shards("digits", None, [ShardSpec(i, n, "iid", 0) for i in range(n)])
     stack = ModelStack(task.build_model(0), initial_rows(task.build_model, [0] * n), test_x=datas[0].test_x,
                        test_y=datas[0].test_y, num_classes=10, lr=0.05, momentum=0.9, polyak=polyak,
-                       lr_tau=lr_tau)
+                       lr_tau=lr_tau, max_grad_norm=max_grad_norm)
     locals_ = []
     for i, d in enumerate(datas):
         stack.set_data(i, d.train_x, d.train_y, batch_size=batch_size, seed=100 + i,
                        val_fraction=val_fraction)
         locals_.append(LocalTrainer(task.build_model(0), d, lr=0.05, momentum=0.9, batch_size=batch_size,
                                     device=torch.device("cpu"), seed=100 + i, val_fraction=val_fraction,
-                                    polyak=polyak, lr_tau=lr_tau))
+                                    polyak=polyak, lr_tau=lr_tau, max_grad_norm=max_grad_norm))
     return stack, locals_, datas
 
 
-@pytest.mark.parametrize(("polyak", "lr_tau", "batch_size"),
-                         [(False, 0.0, 32), (True, 50.0, 16), (False, 0.0, 7)])
-def test_rows_train_like_local_trainers(polyak: bool, lr_tau: float, batch_size: int) -> None:
-    stack, locals_, _ = _setup(3, batch_size=batch_size, polyak=polyak, lr_tau=lr_tau)
+@pytest.mark.parametrize(("polyak", "lr_tau", "batch_size", "max_grad_norm"),
+                         [(False, 0.0, 32, 0.0), (True, 50.0, 16, 0.0), (False, 0.0, 7, 0.0),
+                          (False, 0.0, 32, 0.3)])  # digits' gradients are ~1: a 0.3 clip binds on most steps
+def test_rows_train_like_local_trainers(polyak: bool, lr_tau: float, batch_size: int,
+                                        max_grad_norm: float) -> None:
+    stack, locals_, _ = _setup(3, batch_size=batch_size, polyak=polyak, lr_tau=lr_tau,
+                               max_grad_norm=max_grad_norm)
     rows = [RowTrainer(stack, i) for i in range(3)]
     for _ in range(3):  # 3 rounds of 15 steps: crosses permutation boundaries, momentum carried over
         losses = stack.train([0, 1, 2], 15)

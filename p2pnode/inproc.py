@@ -159,7 +159,8 @@ def _build_trainer(opts: InprocOptions, cfg: NodeConfig, i: int) -> LocalTrainer
     shard = shard_spec(opts, i).index  # Sybil identities share the attacker's shard and batch order
     return LocalTrainer(task.build_model(init_seed), data, lr=t.lr, momentum=t.momentum,
                         batch_size=t.batch_size, device=resolve_device(opts.device),
-                        seed=opts.seed * 100_003 + shard, val_fraction=validation_fraction(cfg))
+                        seed=opts.seed * 100_003 + shard, val_fraction=validation_fraction(cfg),
+                        polyak=t.polyak, lr_tau=t.lr_tau, max_grad_norm=t.max_grad_norm)
 
 
 _node_config, _shard, _default_factory = node_config, shard_spec, default_factory  # the former names

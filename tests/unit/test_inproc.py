@@ -8,7 +8,7 @@ import pytest
 
 from p2pnode.bench.robustness import RobustnessOptions, run_cell
 from p2pnode.bench.variance import rounds_to_target
-from p2pnode.inproc import InprocOptions, run_inproc
+from p2pnode.inproc import InprocOptions, InprocSwarm, run_inproc
 
 SUMMARY_NODE_KEYS = {"peer_id", "role", "rounds", "test_accuracy", "test_loss", "bytes_sent",
                      "bytes_received", "messages_rejected"}
@@ -25,6 +25,13 @@ def test_inproc_swarm_learns_and_writes_the_summary_contract(tmp_path: Path) -> 
         assert node["bytes_sent"] > 6 * 4810 * 4, "every round pushes at least one full model"
     assert (tmp_path / "summary.json").exists()
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+def test_the_gradient_clip_reaches_every_node_trainer() -> None:
+    # InprocOptions → TaskConfig → LocalTrainer: a sybilwall scenario run once lost the clip on the way
+    swarm = InprocSwarm(InprocOptions(nodes=3, task="digits", max_grad_norm=5.0))
+
+    assert [node.trainer.max_grad_norm for node in swarm.nodes] == [5.0] * 3
 
 
 def test_byzantine_nodes_are_the_last_ones_and_are_reported_as_such() -> None:

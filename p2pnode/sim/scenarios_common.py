@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import random
 import statistics
 import time
@@ -149,6 +150,16 @@ def _run_cell(fn: Callable[[dict[str, Any]], dict[str, Any]], cell: dict[str, An
         return {**cell, "error": f"{type(exc).__name__}: {exc}"}
 
 
+def _worker_init(parent: int) -> None:
+    """A cell worker: SIGTERM when the runner dies; exit at once if it already has (the request only
+    covers a parent that dies after it is made, and spawning a worker takes seconds)."""
+    from p2pnode.node import _die_with_parent
+
+    _die_with_parent()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def run_cells(cells: list[dict[str, Any]], fn: Callable[[dict[str, Any]], dict[str, Any]], *,
               workers: int = 1, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Run ``fn(cell)`` for every cell (in worker processes when ``workers > 1``), in the cells' order.
@@ -168,7 +179,9 @@ def run_cells(cells: list[dict[str, Any]], fn: Callable[[dict[str, Any]], dict[s
             note(k, _run_cell(fn, cell))
     else:
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        # the workers die with this process: a stopped run must not leave two 5 GiB workers training on
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(os.getpid(),)) as pool:
             futures: dict[Future[dict[str, Any]], int] = {pool.submit(_run_cell, fn, c): k
                                                          for k, c in enumerate(cells)}
             pending = set(futures)

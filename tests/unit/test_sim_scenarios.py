@@ -4,6 +4,11 @@ the disaster scenario's choice of the nodes to remove (most central by degree or
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +156,54 @@ def test_quick_disaster_removes_the_chosen_nodes(quick: dict[str, dict[str, Any]
         if name != "no removal":
             assert f["evaluated_nodes"] == 8  # removed nodes and data-less relays are not evaluated
         assert f["honest_accuracy_mean"] > 0.5, name  # digits: chance is 0.1
+
+
+def _block(cell: dict) -> dict:
+    time.sleep(120)
+    return {}
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's exit is reaped by whoever adopted it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text() if (task / "children").exists() else ""
+        out |= {int(c) for c in text.split()}
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_cell_workers_die_with_a_killed_runner() -> None:
+    code = ("from p2pnode.sim.scenarios_common import run_cells\n"
+            "from tests.unit.test_sim_scenarios import _block\n"
+            "run_cells([{}, {}], _block, workers=2)\n")
+    runner = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 60
+        workers: set[int] = set()
+        while time.monotonic() < deadline and len(workers) < 2:
+            # the spawn context's resource tracker is a child too; the workers are the ones running _block
+            workers = {c for c in _children(runner.pid)
+                       if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()}
+            time.sleep(0.2)
+        assert len(workers) == 2, workers
+        time.sleep(3.0)  # the workers have run their initializer (imports) and are in _block
+    finally:
+        runner.kill()
+        runner.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_running(w) for w in workers):
+        time.sleep(0.2)
+    alive = [w for w in workers if _running(w)]
+    for w in alive:  # do not leave them behind even when the test fails
+        os.kill(w, signal.SIGKILL)
+    assert alive == []

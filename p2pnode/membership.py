@@ -212,8 +212,9 @@ def create_dht(identity_path: str, *, swarm: str, initial_peers: Sequence[str], 
     """
     if not os.path.isfile(identity_path):
         raise IdentityError(f"{identity_path}: no such key file (create it with save_identity first)")
-    deadline = time.monotonic() + wait_timeout
-    for attempt in range(1, 1_000):
+    deadline, attempt = time.monotonic() + wait_timeout, 0
+    while True:
+        attempt += 1
         try:
             return _start_dht(identity_path, swarm=swarm, initial_peers=initial_peers,
                               host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
@@ -226,7 +227,6 @@ def create_dht(identity_path: str, *, swarm: str, initial_peers: Sequence[str], 
             logger.warning("no initial peer answered (try %d, %.0fs left), starting the DHT again: %s",
                            attempt, left, failed.cause)
             time.sleep(min(BOOTSTRAP_RETRY_PAUSE_S * attempt, left - BOOTSTRAP_RETRY_MIN_S / 2))
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 BOOTSTRAP_RETRY_MIN_S = 4.0  # one hivemind bootstrap try: its 3 s ping timeout plus the daemon's start

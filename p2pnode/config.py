@@ -74,6 +74,12 @@ class TaskConfig:
         _require(self.eval_every >= 1, "task.eval_every", self.eval_every, "integer >= 1")
         _require(self.eval_samples >= 1, "task.eval_samples", self.eval_samples, "integer >= 1")
 
+    def sgd_settings(self) -> dict[str, Any]:
+        """The local SGD keywords ``LocalTrainer`` and ``ModelStack`` take (one place, so no builder of a
+        trainer can drop one: in-process swarms once lost polyak, lr_tau and the gradient clip)."""
+        return {"lr": self.lr, "momentum": self.momentum, "polyak": self.polyak, "lr_tau": self.lr_tau,
+                "max_grad_norm": self.max_grad_norm}
+
 
 @dataclass(kw_only=True, slots=True)
 class NetworkConfig:

@@ -157,10 +157,9 @@ def _build_trainer(opts: InprocOptions, cfg: NodeConfig, i: int) -> LocalTrainer
     init_seed = opts.seed * 1000 + i if opts.independent_init else opts.seed
     t = cfg.task
     shard = shard_spec(opts, i).index  # Sybil identities share the attacker's shard and batch order
-    return LocalTrainer(task.build_model(init_seed), data, lr=t.lr, momentum=t.momentum,
-                        batch_size=t.batch_size, device=resolve_device(opts.device),
-                        seed=opts.seed * 100_003 + shard, val_fraction=validation_fraction(cfg),
-                        polyak=t.polyak, lr_tau=t.lr_tau, max_grad_norm=t.max_grad_norm)
+    return LocalTrainer(task.build_model(init_seed), data, batch_size=t.batch_size,
+                        device=resolve_device(opts.device), seed=opts.seed * 100_003 + shard,
+                        val_fraction=validation_fraction(cfg), **t.sgd_settings())
 
 
 _node_config, _shard, _default_factory = node_config, shard_spec, default_factory  # the former names

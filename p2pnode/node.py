@@ -40,6 +40,7 @@ from p2pnode.errors import ConfigError, MessageRejected, P2PNodeError, PeerUnrea
 from p2pnode.identity import Identity, load_or_create_identity, require_identity_pow
 from p2pnode.outputs import MetricsWriter, write_json_atomic
 from p2pnode.peerguard import PeerGuard, guard_limits, reason_of
+from p2pnode.proc import die_with_parent as _die_with_parent
 from p2pnode.tasks import ShardSpec, make_task
 from p2pnode.trainer import LocalTrainer, limit_threads, resolve_device, spec_fingerprint
 from p2pnode.transport.base import Transport
@@ -566,10 +567,9 @@ def _build_trainer(config: NodeConfig, task: Any = None) -> LocalTrainer:
     task = task if task is not None else make_task(t.name, t.data_dir)
     data = task.load(ShardSpec(index=t.shard, count=t.num_shards, partition=t.partition, seed=config.seed))
     model = task.build_model(config.seed)  # one seed for the swarm: every node starts from the same weights
-    return LocalTrainer(model, data, lr=t.lr, momentum=t.momentum, batch_size=t.batch_size,
-                        device=resolve_device(config.device), seed=config.seed * 100_003 + t.shard,
-                        val_fraction=validation_fraction(config), polyak=t.polyak, lr_tau=t.lr_tau,
-                           max_grad_norm=t.max_grad_norm)
+    return LocalTrainer(model, data, batch_size=t.batch_size, device=resolve_device(config.device),
+                        seed=config.seed * 100_003 + t.shard, val_fraction=validation_fraction(config),
+                        **t.sgd_settings())
 
 
 def validation_fraction(config: NodeConfig) -> float:
@@ -614,7 +614,7 @@ class NodeRuntime:
         task = make_task(cfg.task.name, cfg.task.data_dir)
         trainer = await asyncio.to_thread(_build_trainer, cfg, task)
         # On this (the main) thread, not a worker: the DHT's forked child is told to die with the thread
-        # that forked it (see _die_with_parent), so a SIGKILLed node leaves no orphan DHT process behind.
+        # that forked it (see p2pnode.proc.die_with_parent), so a SIGKILLed node leaves no orphan DHT process behind.
         dht = create_dht(  # blocks the loop ~1 s at start-up, before anything is served
             key_path, swarm=net.swarm, initial_peers=net.initial_peers,
             host_maddrs=net.host_maddrs, announce_maddrs=net.announce_maddrs,
@@ -752,23 +752,6 @@ def resume_from_checkpoint(config: NodeConfig, node: Node) -> bool:
     node._last_good = node.trainer.get_flat()
     logger.info("resumed from %s at round %d", directory, node.round)
     return True
-
-
-def _die_with_parent() -> None:
-    """In a forked child (hivemind's DHT process): die by SIGTERM when the parent dies.
-
-    The child inherits the parent's SIGTERM handler (the event loop's, which would only poke the
-    parent's loop), so it is reset to the default first; then Linux is asked to send SIGTERM when the
-    forking thread (the main thread) exits, e.g. when the node is SIGKILLed.
-    """
-    with contextlib.suppress(ValueError):  # only possible when the fork happened off the main thread
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        with contextlib.suppress(OSError, AttributeError, ctypes.ArgumentError):
-            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
 
 
 def lower_thread_priority(increment: int) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -30,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from p2pnode.proc import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +71,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--log-level", default="warning")
     ns, _unused = p.parse_known_args(argv)
     return ns
-
-
-def _pdeathsig() -> None:
-    """Ask Linux to SIGTERM this process when its parent dies (no orphans after a killed supervisor)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, 15)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -127,7 +121,7 @@ def _wait_until_still(counter: Any, *, quiet_s: float, limit_s: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    _pdeathsig()
+    die_with_parent()  # no orphans after a killed supervisor
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so the finally below shuts the averager and DHT down
     import hivemind
     import torch

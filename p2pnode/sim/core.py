@@ -229,21 +229,16 @@ class Simulation:
         if self.batched:
             self.stack = ModelStack(template, initial_rows(task.build_model, init_seeds),
                                     test_x=datas[0].test_x, test_y=datas[0].test_y,
-                                    num_classes=datas[0].num_classes, lr=t.lr, momentum=t.momentum,
-                                    polyak=t.polyak, lr_tau=t.lr_tau, max_grad_norm=t.max_grad_norm,
-                                    device=device)
+                                    num_classes=datas[0].num_classes, device=device, **t.sgd_settings())
             for i, (data, cfg) in enumerate(zip(datas, configs)):
                 self.stack.set_data(i, data.train_x, data.train_y, batch_size=cfg.task.batch_size,
                                     seed=opts.seed * 100_003 + specs[i].index,
                                     val_fraction=validation_fraction(cfg))
             trainers = [RowTrainer(self.stack, i) for i in range(n)]
         else:
-            trainers = [LocalTrainer(task.build_model(init_seeds[i]), data, lr=cfg.task.lr,
-                                     momentum=cfg.task.momentum, batch_size=cfg.task.batch_size,
-                                     device=device,
-                                     seed=opts.seed * 100_003 + specs[i].index,
-                                     val_fraction=validation_fraction(cfg), polyak=cfg.task.polyak,
-                                     lr_tau=cfg.task.lr_tau, max_grad_norm=cfg.task.max_grad_norm)
+            trainers = [LocalTrainer(task.build_model(init_seeds[i]), data, batch_size=cfg.task.batch_size,
+                                     device=device, seed=opts.seed * 100_003 + specs[i].index,
+                                     val_fraction=validation_fraction(cfg), **cfg.task.sgd_settings())
                         for i, (data, cfg) in enumerate(zip(datas, configs))]
         del datas
         identities = [Identity.generate() for _ in range(n)]

@@ -153,9 +153,9 @@ def _run_cell(fn: Callable[[dict[str, Any]], dict[str, Any]], cell: dict[str, An
 def _worker_init(parent: int) -> None:
     """A cell worker: SIGTERM when the runner dies; exit at once if it already has (the request only
     covers a parent that dies after it is made, and spawning a worker takes seconds)."""
-    from p2pnode.node import _die_with_parent
+    from p2pnode.proc import die_with_parent
 
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != parent:
         os._exit(1)
 

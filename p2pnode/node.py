@@ -614,7 +614,8 @@ class NodeRuntime:
         task = make_task(cfg.task.name, cfg.task.data_dir)
         trainer = await asyncio.to_thread(_build_trainer, cfg, task)
         # On this (the main) thread, not a worker: the DHT's forked child is told to die with the thread
-        # that forked it (see p2pnode.proc.die_with_parent), so a SIGKILLed node leaves no orphan DHT process behind.
+        # that forked it (see p2pnode.proc.die_with_parent), so a SIGKILLed node leaves no orphan DHT
+        # process behind.
         dht = create_dht(  # blocks the loop ~1 s at start-up, before anything is served
             key_path, swarm=net.swarm, initial_peers=net.initial_peers,
             host_maddrs=net.host_maddrs, announce_maddrs=net.announce_maddrs,

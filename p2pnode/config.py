@@ -165,6 +165,11 @@ class GossipConfig:
                       "reference", "dense")
     increments_warmup: int = _doc("--mode increments with topk:RATIO: rounds 1..N keep RATIO·2^(N−r+1) "
                                   "(capped at 1), e.g. 4× then 2× with N = 2", 2)
+    straggler_factor: float = _doc("a round stops waiting for its sampled peers FACTOR × the median of "
+                                   "recent exchange times after it sent (at least straggler_min_s), once one "
+                                   "has answered; a later reply is merged next round (0 = wait for every "
+                                   "peer up to --timeout-exchange)", 4.0)
+    straggler_min_s: float = _doc("the shortest straggler wait, seconds", 1.0)
     overlap: bool = _doc("run the next round's local steps while this round's exchange is in flight (the "
                          "merge is applied as a delta, so they are kept)", False)
     consensus_step: float = _doc("how far a merge moves the model towards the merged result, in (0, 1]; "
@@ -188,6 +193,9 @@ class GossipConfig:
         _require(self.increments_warmup >= 0, "gossip.increments_warmup", self.increments_warmup,
                  "integer >= 0")
         _require(self.fanout >= 0, "gossip.fanout", self.fanout, "integer >= 0")
+        _require(self.straggler_factor >= 0, "gossip.straggler_factor", self.straggler_factor,
+                 "float >= 0 (0 = off)")
+        _require(self.straggler_min_s >= 0, "gossip.straggler_min_s", self.straggler_min_s, "seconds >= 0")
         _require(self.max_inbox >= 1, "gossip.max_inbox", self.max_inbox, "integer >= 1")
         _require(0.0 <= self.consensus_step <= 1.0, "gossip.consensus_step", self.consensus_step,
                  "float in (0, 1], or 0 for auto")

@@ -116,7 +116,10 @@ def node_config(opts: InprocOptions, i: int) -> NodeConfig:
                       eval_samples=opts.eval_samples, max_grad_norm=opts.max_grad_norm)
     gossip = GossipConfig(rounds=opts.rounds, fanout=opts.fanout, defense=opts.defense, codec=opts.codec,
                           mode=opts.mode, overlap=opts.overlap,
-                          variance_correction=opts.variance_correction)
+                          variance_correction=opts.variance_correction,
+                          # in-process and simulated rounds run in lock-step on one CPU, where a slow
+                          # exchange is a busy loop, not a slow peer; the simulator's clock models links
+                          straggler_factor=0.0)
     spsa = SpsaConfig(**opts.extra.get("spsa", {}))
     cfg = NodeConfig(device=opts.device, seed=opts.seed, task=task, gossip=gossip, spsa=spsa,
                      attack=AttackConfig(name=opts.attack if byz else ""))

@@ -41,6 +41,7 @@ from p2pnode.identity import Identity, load_or_create_identity, require_identity
 from p2pnode.outputs import MetricsWriter, write_json_atomic
 from p2pnode.peerguard import PeerGuard, guard_limits, reason_of
 from p2pnode.proc import die_with_parent as _die_with_parent
+from p2pnode.stragglers import StragglerCutoff, timed, wait_for_replies
 from p2pnode.tasks import ShardSpec, make_task
 from p2pnode.trainer import LocalTrainer, limit_threads, resolve_device, spec_fingerprint
 from p2pnode.transport.base import Transport
@@ -212,6 +213,7 @@ class Node:
         self._next_start: torch.Tensor | None = None
         self._inflight: set[str] = set()  # peers we have a request out to (compressed codecs: one at a time)
         self.inbox = Inbox(config.gossip.max_inbox)
+        self.stragglers = StragglerCutoff(config.gossip.straggler_factor, config.gossip.straggler_min_s)
         self.round = 0
         self.messages_rejected = 0
         self.local_divergences = 0
@@ -363,10 +365,17 @@ class Node:
         return self.wire.keep(peer.peer_id, received.view, own)
 
     async def exchange(self, peers: Sequence[MembershipRecord], own: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Push ``own`` to every peer concurrently; return what they replied with (see ModelWire.keep)."""
-        async with asyncio.TaskGroup() as tg:
-            tasks = {p.peer_id: tg.create_task(self._exchange_one(p, own)) for p in peers}
-        return {peer: kept for peer, task in tasks.items() if (kept := task.result()) is not None}
+        """Push ``own`` to every peer concurrently; return what they replied with (see ModelWire.keep) by the
+        straggler cutoff (:mod:`p2pnode.stragglers`): a later reply goes to the inbox, for the next merge."""
+        tasks = {p.peer_id: asyncio.ensure_future(timed(self.stragglers.record, self._exchange_one(p, own)))
+                 for p in peers}
+        replies = await wait_for_replies(tasks, self.stragglers.cutoff(), self.inbox.put)
+        late = [peer for peer, task in tasks.items() if not task.done()]
+        if late:
+            self.stragglers.cut += len(late)
+            logger.info("round %d: went on without %d slow peer(s) %s; a late reply is merged next round",
+                        self.round, len(late), ", ".join(late))
+        return replies
 
     # -- rounds ------------------------------------------------------------------------------------
     async def wait_for_peers(self) -> None:
@@ -509,10 +518,12 @@ class Node:
         await asyncio.to_thread(self.trainer.add_flat_, delta if step == 1.0 else step * delta)
 
     def _pick_peers(self, own: torch.Tensor, k: int) -> list[MembershipRecord]:
-        """k live peers: uniformly at random, or by Bristle's distance-based prioritizer."""
+        """k live peers: uniformly at random, or by Bristle's distance-based prioritizer; never one whose
+        exchange from an earlier round is still running (a straggler's, see :mod:`p2pnode.stragglers`)."""
+        busy = self._inflight
         if self._bristle is None:
-            return self.membership.sample(k)
-        live = self.membership.live()
+            return [p for p in self.membership.sample(k + len(busy)) if p.peer_id not in busy][:k]
+        live = [p for p in self.membership.live() if p.peer_id not in busy]
         chosen = set(self._bristle.select_peers(own, [p.peer_id for p in live], self.merge_state, k=k,
                                                 rng=self._peer_rng))
         return [p for p in live if p.peer_id in chosen]
@@ -529,6 +540,7 @@ class Node:
                 "messages_rejected": (self.messages_rejected + self.membership.rejected
                                       + stats.frames_rejected),
                 "peers_banned": self.guard.bans, "codec_resyncs": self.wire.resyncs,
+                "exchanges_cut": self.stragglers.cut,
                 "local_divergences": self.local_divergences}
 
     # -- operator control: between two rounds, a paused node waits (it still serves peers and heartbeats)

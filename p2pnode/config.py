@@ -170,6 +170,9 @@ class GossipConfig:
                                    "has answered; a later reply is merged next round (0 = wait for every "
                                    "peer up to --timeout-exchange)", 4.0)
     straggler_min_s: float = _doc("the shortest straggler wait, seconds", 1.0)
+    sync: bool = _doc("exchange round-aligned models: a push of round r is answered with our model at the "
+                      "end of round r's local steps (when we get there, if behind), and only pushes of the "
+                      "same round are merged", False)
     overlap: bool = _doc("run the next round's local steps while this round's exchange is in flight (the "
                          "merge is applied as a delta, so they are kept)", False)
     consensus_step: float = _doc("how far a merge moves the model towards the merged result, in (0, 1]; "
@@ -193,6 +196,8 @@ class GossipConfig:
         _require(self.increments_warmup >= 0, "gossip.increments_warmup", self.increments_warmup,
                  "integer >= 0")
         _require(self.fanout >= 0, "gossip.fanout", self.fanout, "integer >= 0")
+        _require(self.mode == "gossip" or not self.sync, "gossip.sync", self.sync,
+                 "False unless --mode gossip (it aligns exchanged models by round)")
         _require(self.straggler_factor >= 0, "gossip.straggler_factor", self.straggler_factor,
                  "float >= 0 (0 = off)")
         _require(self.straggler_min_s >= 0, "gossip.straggler_min_s", self.straggler_min_s, "seconds >= 0")

@@ -42,6 +42,7 @@ from p2pnode.outputs import MetricsWriter, write_json_atomic
 from p2pnode.peerguard import PeerGuard, guard_limits, reason_of
 from p2pnode.proc import die_with_parent as _die_with_parent
 from p2pnode.stragglers import StragglerCutoff, timed, wait_for_replies
+from p2pnode.sync import RoundSnapshots
 from p2pnode.tasks import ShardSpec, make_task
 from p2pnode.trainer import LocalTrainer, limit_threads, resolve_device, spec_fingerprint
 from p2pnode.transport.base import Transport
@@ -214,6 +215,8 @@ class Node:
         self._inflight: set[str] = set()  # peers we have a request out to (compressed codecs: one at a time)
         self.inbox = Inbox(config.gossip.max_inbox)
         self.stragglers = StragglerCutoff(config.gossip.straggler_factor, config.gossip.straggler_min_s)
+        self.snapshots = RoundSnapshots() if config.gossip.sync else None  # --sync (p2pnode/sync.py)
+        self._push_rounds: dict[str, int] = {}  # --sync: the round of each peer's model in the inbox
         self.round = 0
         self.messages_rejected = 0
         self.local_divergences = 0
@@ -333,11 +336,16 @@ class Node:
             self._reject(sender, exc)
             raise MessageRejected(str(exc), peer=sender) from exc
         self.membership.mark_alive(sender)
-        own = await asyncio.to_thread(self.trainer.get_flat)
+        own = None
+        if self.snapshots is not None:  # --sync: our model of the pusher's round
+            own = await self.snapshots.wait_for(env.round, self.config.timeouts.exchange)
+        if own is None:
+            own = await asyncio.to_thread(self.trainer.get_flat)
         reply, pending = self._seal_model(KIND_PULL, own, sender, peer_ack=received.ack)
         if pending is not None:
             self.wire.book.commit(pending)  # type: ignore[union-attr]
         if received.view is not None:
+            self._push_rounds[sender] = env.round
             self.inbox.put(sender, self.wire.keep(sender, received.view, own))
         return reply
 
@@ -369,12 +377,14 @@ class Node:
         straggler cutoff (:mod:`p2pnode.stragglers`): a later reply goes to the inbox, for the next merge."""
         tasks = {p.peer_id: asyncio.ensure_future(timed(self.stragglers.record, self._exchange_one(p, own)))
                  for p in peers}
-        replies = await wait_for_replies(tasks, self.stragglers.cutoff(), self.inbox.put)
-        late = [peer for peer, task in tasks.items() if not task.done()]
-        if late:
-            self.stragglers.cut += len(late)
-            logger.info("round %d: went on without %d slow peer(s) %s; a late reply is merged next round",
-                        self.round, len(late), ", ".join(late))
+        # --sync: a late reply is a model of a round already merged, so it is dropped
+        late = self.inbox.put if self.snapshots is None else (lambda peer, reply: None)
+        replies = await wait_for_replies(tasks, self.stragglers.cutoff(), late)
+        slow = [peer for peer, task in tasks.items() if not task.done()]
+        if slow:
+            self.stragglers.cut += len(slow)
+            logger.info("round %d: went on without %d slow peer(s) %s", self.round, len(slow),
+                        ", ".join(slow))
         return replies
 
     # -- rounds ------------------------------------------------------------------------------------
@@ -463,6 +473,8 @@ class Node:
         if not torch.isfinite(sent).all():
             sent = await self._recover_from_divergence(loss)
         self._last_good = sent
+        if self.snapshots is not None:
+            self.snapshots.add(self.round, sent)
         if self.extension is not None:
             self.extension.note_own_model(sent, round=self.round, start=start)
         peers = self._pick_peers(sent, cfg.gossip.fanout)
@@ -476,6 +488,8 @@ class Node:
         pulled = await self.exchange(peers, sent)
         waited = time.monotonic() - waiting
         pushed = self.inbox.drain()
+        if self.snapshots is not None:
+            pushed = self._same_round(pushed)
         received = self.wire.inputs(sent, {**pushed, **pulled})  # a pulled model is as fresh as a pushed one
         self.observe(received)
         if received:
@@ -516,6 +530,17 @@ class Node:
         delta = merged - sent
         step = self.config.gossip.merge_step()
         await asyncio.to_thread(self.trainer.add_flat_, delta if step == 1.0 else step * delta)
+
+    def _same_round(self, pushed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """--sync: the pushes of this round; one of a later round goes back to the inbox, older ones go."""
+        now: dict[str, torch.Tensor] = {}
+        for peer, flat in pushed.items():
+            r = self._push_rounds.get(peer, 0)
+            if r == self.round:
+                now[peer] = flat
+            elif r > self.round:
+                self.inbox.put(peer, flat)
+        return now
 
     def _pick_peers(self, own: torch.Tensor, k: int) -> list[MembershipRecord]:
         """k live peers: uniformly at random, or by Bristle's distance-based prioritizer; never one whose
@@ -568,6 +593,8 @@ class Node:
                 await hook()
             logger.info("round %d: loss %.4f, acc %s, %d peers in view, pulled %d, pushed to us %d",
                         r.round, r.train_loss, r.test_accuracy, r.peers_in_view, r.pulled, r.pushed_to_us)
+        if self.snapshots is not None:
+            self.snapshots.close()  # peers still waiting for a round we will not make get our live model
         accuracy, loss = await asyncio.to_thread(self.trainer.evaluate, None)
         return metrics.write("final", **self.counters(), rounds=self.round, round=self.round,
                              test_accuracy=accuracy, test_loss=loss)

@@ -7,7 +7,8 @@ node on loopback, node 0 first as the bootstrap peer). The systems differ only i
   ``DecentralizedAverager.step()`` in a group of all nodes (an all-reduce of the model vector);
 * a codec name (``dense``, ``fp16``, ``topk:0.01``, ...): ``p2pnode run`` with model gossip and that codec;
 * ``increments/CODEC``: ``p2pnode run --mode increments --codec CODEC``;
-* any p2pnode system with ``@K`` (``dense@7``): that system at fanout K instead of ``--fanout``.
+* any p2pnode system with ``@K`` (``dense@7``): that system at fanout K instead of ``--fanout``; with
+  ``@sync`` (``dense@4@sync``): that system with ``--sync`` (round-aligned models, :mod:`p2pnode.sync`).
 
 Same task, shards, initial model, local steps, learning rate, batch size and seed; every node evaluates
 after every round on the same held-out subset (the first ``eval_samples`` test samples) and once at the
@@ -95,20 +96,30 @@ class E2EOptions:
                 "systems": list(self.systems)}
 
 
-def split_fanout(system: str) -> tuple[str, int | None]:
-    """``"dense@7"`` -> ``("dense", 7)``; ``"dense"`` -> ``("dense", None)`` (the run's ``--fanout``)."""
-    base, sep, k = system.rpartition("@")
-    if not sep:
-        return system, None
-    if not k.isdigit() or int(k) < 1 or not base or base == HIVEMIND:
-        raise ValueError(f"unknown system {system!r}: a p2pnode system's @K is a fanout K >= 1")
-    return base, int(k)
+def split_modifiers(system: str) -> tuple[str, int | None, bool]:
+    """``"dense@7@sync"`` -> ``("dense", 7, True)``; ``"dense"`` -> ``("dense", None, False)`` (``None``: the
+    run's ``--fanout``)."""
+    base, *mods = system.split("@")
+    fanout, sync = None, False
+    for mod in mods:
+        if mod == "sync" and not sync:
+            sync = True
+        elif mod.isdigit() and int(mod) >= 1 and fanout is None:
+            fanout = int(mod)
+        else:
+            raise ValueError(f"unknown system {system!r}: a p2pnode system takes @K (fanout >= 1), @sync")
+    if mods and (not base or base == HIVEMIND):
+        raise ValueError(f"unknown system {system!r}: only p2pnode systems take @K and @sync")
+    return base, fanout, sync
 
 
 def parse_system(system: str) -> tuple[str, str]:
     """``"hivemind"`` -> ``("hivemind", "")``; ``"dense"`` (or ``"dense@7"``) -> ``("gossip", "dense")``;
     ``"increments/topk:0.01"`` -> ``("increments", "topk:0.01")``. Raises ValueError otherwise."""
-    system, _ = split_fanout(system)
+    full = system
+    system, _, sync = split_modifiers(system)
+    if sync and "/" in system and not system.startswith("gossip/"):
+        raise ValueError(f"unknown system {full!r}: @sync is for model gossip")
     if system == HIVEMIND:
         return HIVEMIND, ""
     mode, sep, codec = system.partition("/")
@@ -281,7 +292,7 @@ def summarize_run(events: list[dict[str, Any]], *, nodes: int, target: float, t0
 
 # -- running ---------------------------------------------------------------------------------------
 def _slug(system: str) -> str:
-    return system.replace(":", "-").replace("/", "-").replace("@", "-fanout")
+    return system.replace(":", "-").replace("/", "-").replace("@sync", "-sync").replace("@", "-fanout")
 
 
 def run_one(opts: E2EOptions, system: str, repeat: int) -> dict[str, Any]:
@@ -289,7 +300,8 @@ def run_one(opts: E2EOptions, system: str, repeat: int) -> dict[str, Any]:
     from p2pnode.swarm import Swarm, SwarmOptions
 
     mode, codec = parse_system(system)
-    fanout = split_fanout(system)[1] or opts.fanout
+    _, fanout_k, sync = split_modifiers(system)
+    fanout = fanout_k or opts.fanout
     seed = opts.seed + repeat
     extra = ["--eval-every", "1", "--eval-samples", str(opts.eval_samples)]
     command: list[str] | None = None
@@ -298,6 +310,8 @@ def run_one(opts: E2EOptions, system: str, repeat: int) -> dict[str, Any]:
         extra += ["--matchmaking-s", str(opts.matchmaking_s)]
     elif mode == "increments":
         extra += ["--mode", "increments"]
+    if sync:
+        extra += ["--sync"]
     swarm_opts = SwarmOptions(nodes=opts.nodes, rounds=opts.rounds, task=opts.task, fanout=fanout,
                               local_steps=opts.local_steps, seed=seed, codec=codec or "dense",
                               out=opts.out_dir / f"repeat-{repeat}" / _slug(system), extra_args=extra)

@@ -19,7 +19,7 @@ from p2pnode.bench.e2e import (
     first_reaching,
     format_table,
     parse_system,
-    split_fanout,
+    split_modifiers,
     summarize_run,
 )
 from p2pnode.bench.e2e_hivemind import parse_args as parse_worker_args
@@ -42,10 +42,13 @@ def test_parse_system_names() -> None:
     assert parse_system("increments/topk:0.01") == ("increments", "topk:0.01")
     assert parse_system("gossip/fp16") == ("gossip", "fp16")
     assert parse_system("dense@7") == ("gossip", "dense")
-    assert split_fanout("dense@7") == ("dense", 7)
-    assert split_fanout("increments/topk:0.01") == ("increments/topk:0.01", None)
+    assert split_modifiers("dense@7") == ("dense", 7, False)
+    assert split_modifiers("dense@4@sync") == ("dense", 4, True)
+    assert split_modifiers("gossip/fp16@sync") == ("gossip/fp16", None, True)
+    assert split_modifiers("increments/topk:0.01") == ("increments/topk:0.01", None, False)
+    assert parse_system("dense@4@sync") == ("gossip", "dense")
     for bad in ("spsa/dense", "increments/", "a/b/c", "gossip/hivemind", "", "hivemind@2", "dense@0",
-                "dense@x", "@3"):
+                "dense@x", "@3", "hivemind@sync", "increments/dense@sync", "dense@sync@sync", "dense@2@3"):
         with pytest.raises(ValueError, match="unknown system"):
             parse_system(bad)
 

@@ -131,19 +131,23 @@ def probe_index(layers: Sequence[Layer], count: int) -> torch.Tensor | None:
 
 
 class Inbox:
-    """Models pushed to us since the last merge: the latest one per peer, at most ``capacity`` peers."""
+    """Models pushed to us since the last merge: the latest one per peer, at most ``capacity`` peers, each
+    with the round its sender was in (the envelope's; 0 when not known)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._models: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._models: OrderedDict[str, tuple[torch.Tensor, int]] = OrderedDict()
 
-    def put(self, peer_id: str, flat: torch.Tensor) -> None:
+    def put(self, peer_id: str, flat: torch.Tensor, round: int = 0) -> None:
         self._models.pop(peer_id, None)
-        self._models[peer_id] = flat
+        self._models[peer_id] = (flat, round)
         while len(self._models) > self.capacity:
             self._models.popitem(last=False)
 
     def drain(self) -> dict[str, torch.Tensor]:
+        return {peer: flat for peer, (flat, _) in self.drain_with_rounds().items()}
+
+    def drain_with_rounds(self) -> dict[str, tuple[torch.Tensor, int]]:
         models, self._models = dict(self._models), OrderedDict()
         return models
 
@@ -216,7 +220,6 @@ class Node:
         self.inbox = Inbox(config.gossip.max_inbox)
         self.stragglers = StragglerCutoff(config.gossip.straggler_factor, config.gossip.straggler_min_s)
         self.snapshots = RoundSnapshots() if config.gossip.sync else None  # --sync (p2pnode/sync.py)
-        self._push_rounds: dict[str, int] = {}  # --sync: the round of each peer's model in the inbox
         self.round = 0
         self.messages_rejected = 0
         self.local_divergences = 0
@@ -345,8 +348,7 @@ class Node:
         if pending is not None:
             self.wire.book.commit(pending)  # type: ignore[union-attr]
         if received.view is not None:
-            self._push_rounds[sender] = env.round
-            self.inbox.put(sender, self.wire.keep(sender, received.view, own))
+            self.inbox.put(sender, self.wire.keep(sender, received.view, own), env.round)
         return reply
 
     async def _exchange_one(self, peer: MembershipRecord, own: torch.Tensor) -> torch.Tensor | None:
@@ -487,9 +489,10 @@ class Node:
         waiting = time.monotonic()
         pulled = await self.exchange(peers, sent)
         waited = time.monotonic() - waiting
-        pushed = self.inbox.drain()
-        if self.snapshots is not None:
-            pushed = self._same_round(pushed)
+        if self.snapshots is None:
+            pushed = self.inbox.drain()
+        else:  # --sync: only the pushes of this round
+            pushed = self._same_round(self.inbox.drain_with_rounds())
         received = self.wire.inputs(sent, {**pushed, **pulled})  # a pulled model is as fresh as a pushed one
         self.observe(received)
         if received:
@@ -531,15 +534,14 @@ class Node:
         step = self.config.gossip.merge_step()
         await asyncio.to_thread(self.trainer.add_flat_, delta if step == 1.0 else step * delta)
 
-    def _same_round(self, pushed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _same_round(self, pushed: dict[str, tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
         """--sync: the pushes of this round; one of a later round goes back to the inbox, older ones go."""
         now: dict[str, torch.Tensor] = {}
-        for peer, flat in pushed.items():
-            r = self._push_rounds.get(peer, 0)
+        for peer, (flat, r) in pushed.items():
             if r == self.round:
                 now[peer] = flat
             elif r > self.round:
-                self.inbox.put(peer, flat)
+                self.inbox.put(peer, flat, r)
         return now
 
     def _pick_peers(self, own: torch.Tensor, k: int) -> list[MembershipRecord]:

@@ -79,3 +79,14 @@ def test_two_nodes_a_round_apart_merge_their_models_of_the_same_round_with_sync(
             torch.testing.assert_close(a.trainer.get_flat(), expected)
 
     asyncio.run(scenario())
+
+
+def test_only_pushes_of_this_round_are_merged_a_later_one_waits_and_an_older_one_goes() -> None:
+    node = _node(MemoryNetwork(), 0)
+    node.round = 5
+    for peer, r in (("behind", 4), ("same", 5), ("ahead", 6)):
+        node.inbox.put(peer, torch.full((2,), float(r)), r)
+    assert list(node._same_round(node.inbox.drain_with_rounds())) == ["same"]
+    left = node.inbox.drain_with_rounds()
+    assert list(left) == ["ahead"]
+    assert left["ahead"][1] == 6

@@ -129,8 +129,10 @@ def test_medians_ratios_and_acceptance() -> None:
         _run("dense", 0, 18.0, 2000.0), _run("dense", 1, 33.0, 2100.0), _run("dense", 2, 20.0, 1900.0),
         _run("topk:0.01", 0, None, None, total=40.0), _run("topk:0.01", 1, 40.0, 45.0, total=40.0),
         _run("topk:0.01", 2, 50.0, 55.0, total=40.0),
+        _run("dense@4@sync", 0, 30.0, 4000.0), _run("dense@4@sync", 1, 29.0, 4000.0),
+        _run("dense@4@sync", 2, 26.0, 4000.0),
     ]}
-    summary = aggregate(data, ("hivemind", "dense", "topk:0.01"))
+    summary = aggregate(data, ("hivemind", "dense", "topk:0.01", "dense@4@sync"))
     by = {r["system"]: r for r in summary}
     assert by["hivemind"]["time_to_target_s"] == 25.0
     assert by["dense"]["time_to_target_s"] == 20.0
@@ -146,12 +148,15 @@ def test_medians_ratios_and_acceptance() -> None:
     verdict = acceptance(summary)
     assert verdict["dense_no_slower"] is True
     assert verdict["topk_20x_fewer_bytes"] is False  # 18.2x
+    assert verdict["dense_variants"] == {"dense@4@sync": {"time_ratio": pytest.approx(29 / 25),
+                                                          "no_slower": False}}
 
     data["summary"], data["acceptance"] = summary, verdict
     table = format_table(data)
     assert "| `dense` | 20.0 | 5 | 0.80 | 20.0 | 0.002 |" in table
     assert "dense time / hivemind time: 0.80 (met" in table
     assert "× fewer than hivemind: 18.2 (NOT met" in table
+    assert "dense@4@sync time / hivemind time: 1.16 (NOT met" in table
 
 
 def test_a_system_never_reaching_the_target_is_reported_as_such() -> None:

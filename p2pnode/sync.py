@@ -12,6 +12,11 @@ of round ``r``: at once when we have it, or when we get there if we are behind (
 pushes made in the same round count; a push from a round ahead waits in the inbox for that round, and
 one from a round behind is dropped. So a round merges models of the same number of local steps, as an
 all-reduce does, without a global barrier: each node waits only for the peers it sampled.
+
+Limit: it suits a swarm whose nodes start together. A node that joins late or restarts keeps its own
+round count; peers ahead of it answer with old snapshots (up to :data:`KEEP` rounds back) or their live
+model, and drop its pushes as old, so it learns from them but its data stops reaching them. It does not
+jump to its peers' round: rounds are self-reported, and a liar could end its run that way.
 """
 
 from __future__ import annotations

@@ -199,3 +199,28 @@ def test_a_sign_flipping_node_in_a_real_swarm_hurts_mean_and_nna_resists_it(tmp_
         assert summary["nodes"][3]["bytes_sent"] >= 10 * DIGITS_MODEL_BYTES, "the attacker took part"
     assert robust["honest_accuracy_min"] >= 0.85, robust
     assert plain["honest_accuracy_mean"] < robust["honest_accuracy_mean"] - 0.10, (plain, robust)
+
+
+@pytest.mark.timeout(300)
+def test_a_sync_swarm_exchanging_with_every_peer_holds_one_model_after_every_round(tmp_path: Path) -> None:
+    # --sync with fanout 3 of 4 nodes: each round every node merges the round-r models of all four (own,
+    # pulled, pushed), so all end the round with the same model, to float rounding (merge order differs).
+    # Free-running gossip merges models of different ages and the nodes' models differ. The straggler
+    # cutoff is off so that a busy machine cannot make a round go on without a peer.
+    out, rounds = tmp_path / "run", 8
+    proc = subprocess.run([*P2PNODE, "swarm", "--nodes", "4", "--task", "digits", "--rounds", str(rounds),
+                           "--fanout", "3", "--out", str(out), "--linger-s", "5", "--no-live", "--",
+                           "--sync", "--straggler-factor", "0", "--probe-coords", "64"],
+                          env=ENV, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["honest_accuracy_min"] >= 0.85, summary
+    probes: dict[int, list[list[float]]] = {}
+    for m in _read_metrics(out / "metrics.jsonl"):
+        if m["event"] == "round":
+            probes.setdefault(m["round"], []).append(m["probe"])
+    assert sorted(probes) == list(range(1, rounds + 1))
+    for r, rows in probes.items():
+        assert len(rows) == 4, (r, len(rows))
+        spread = max(max(col) - min(col) for col in zip(*rows, strict=True))
+        assert spread < 1e-5, f"round {r}: the nodes' models differ by up to {spread:.2e}"

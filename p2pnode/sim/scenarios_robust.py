@@ -19,7 +19,7 @@ QUICK_TRANSFER_TASK = "p2pnode.sim.scenarios_robust:quick_transfer_task"
 # -- monna ---------------------------------------------------------------------------------------------
 def monna_config(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"nodes": 6, "f": 1, "task": "digits", "rounds": 4, "local_steps": 10, "fanout": 5,
+        return {"nodes": 6, "f": 1, "task": "digits", "rounds": 8, "local_steps": 10, "fanout": 5,
                 "partition": "dirichlet:1", "final_eval_samples": 500, "attacks": ("sign-flip",)}
     return {"nodes": 26, "f": 5, "task": "fashion-mnist", "rounds": 12, "local_steps": 10, "fanout": 12,
             "partition": "dirichlet:1", "final_eval_samples": 5000, "attacks": MONNA_ATTACKS}

@@ -107,8 +107,10 @@ def test_every_quick_scenario_writes_rows_with_our_and_the_papers_figure(
 def test_quick_monna_learns_and_nna_holds_against_sign_flip(quick: dict[str, dict[str, Any]]) -> None:
     rows = _rows(quick["monna"])
     assert set(rows) == {"D-SGD (mean), no attack", "nna:1, sign-flip"}
-    assert rows["D-SGD (mean), no attack"]["figures"]["honest_accuracy_mean"] >= 0.75
-    assert rows["nna:1, sign-flip"]["figures"]["honest_accuracy_mean"] >= 0.7
+    # 8 quick rounds: 0.89-0.91 for both over 10 runs (merge order in an in-process swarm varies with
+    # thread timing); with 4 rounds it was 0.73-0.85 and a run fell below the old 0.75 bar in CI
+    assert rows["D-SGD (mean), no attack"]["figures"]["honest_accuracy_mean"] >= 0.85
+    assert rows["nna:1, sign-flip"]["figures"]["honest_accuracy_mean"] >= 0.85
 
 
 def test_quick_sybilwall_measures_the_targeted_flip(quick: dict[str, dict[str, Any]]) -> None:

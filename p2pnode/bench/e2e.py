@@ -116,17 +116,16 @@ def split_modifiers(system: str) -> tuple[str, int | None, bool]:
 def parse_system(system: str) -> tuple[str, str]:
     """``"hivemind"`` -> ``("hivemind", "")``; ``"dense"`` (or ``"dense@7"``) -> ``("gossip", "dense")``;
     ``"increments/topk:0.01"`` -> ``("increments", "topk:0.01")``. Raises ValueError otherwise."""
-    full = system
-    system, _, sync = split_modifiers(system)
-    if sync and "/" in system and not system.startswith("gossip/"):
-        raise ValueError(f"unknown system {full!r}: @sync is for model gossip")
-    if system == HIVEMIND:
+    base, _, sync = split_modifiers(system)
+    if base == HIVEMIND:
         return HIVEMIND, ""
-    mode, sep, codec = system.partition("/")
+    mode, sep, codec = base.partition("/")
     if not sep:
-        mode, codec = "gossip", system
+        mode, codec = "gossip", base
     if mode not in ("gossip", "increments") or not codec or "/" in codec or codec == HIVEMIND:
-        raise ValueError(f"unknown system {system!r}: hivemind | CODEC | gossip/CODEC | increments/CODEC")
+        raise ValueError(f"unknown system {base!r}: hivemind | CODEC | gossip/CODEC | increments/CODEC")
+    if sync and mode != "gossip":
+        raise ValueError(f"unknown system {system!r}: @sync is for model gossip")
     return mode, codec
 
 
@@ -433,7 +432,7 @@ def acceptance(summary: Sequence[dict[str, Any]]) -> dict[str, Any]:
         res["dense_no_slower"] = ratio is not None and ratio <= 1.0
     variants = {name: r["time_ratio_vs_hivemind"] for name, r in by.items()
                 if name != "dense" and "time_ratio_vs_hivemind" in r
-                and split_modifiers(name)[0] in ("dense", "gossip/dense")}
+                and parse_system(name) == ("gossip", "dense")}
     if variants:
         res["dense_variants"] = {name: {"time_ratio": ratio, "no_slower": ratio is not None and ratio <= 1.0}
                                  for name, ratio in variants.items()}

@@ -22,6 +22,7 @@ from defenses.sybilwall import (
     observe_model,
     pardon,
     sybilwall_weights,
+    weighted_median,
     weighted_merge,
     weights_from_similarity,
 )
@@ -174,6 +175,7 @@ def test_state_dict_roundtrips_through_a_weights_only_torch_save(with_base: bool
     state = SybilWallState(max_peers=7)
     for r, peer in enumerate(("a", "b", "a")):
         state.observe(peer, torch.randn(D), base=base, round=r)
+    state.weights["a"] = 0.25  # "b" never weighed
     buffer = io.BytesIO()
     torch.save(state.state_dict(), buffer)
     buffer.seek(0)
@@ -183,6 +185,7 @@ def test_state_dict_roundtrips_through_a_weights_only_torch_save(with_base: bool
 
     assert restored.max_peers == 7
     assert list(restored.histories) == ["b", "a"]
+    assert restored.weights == {"a": 0.25}
     for peer, entry in state.histories.items():
         again = restored.histories[peer]
         assert torch.equal(again.h, entry.h)
@@ -615,6 +618,52 @@ def test_relative_histories_zero_sybils_that_stay_merged_and_keep_honest_peers()
     assert all(w[f"h{i}"] == 1.0 for i in range(4))
     own, received = rounds[-1]
     torch.testing.assert_close(merged, (own + sum(received[f"h{i}"] for i in range(4))) / 5)
+
+
+@pytest.mark.parametrize("n_sybils", [5, 15])
+def test_sybils_that_outnumber_the_honest_inputs_do_not_capture_the_reference(n_sybils: int) -> None:
+    # 15 Sybils against own + 4 honest: an unweighted median of the inputs is a Sybil model, so each
+    # Sybil's relative update is its own noise and all 15 looked unique (weight 1, merge poisoned)
+    rule, state = SybilWall(), SybilWallState()
+    rounds = _merged_swarm(n_honest=4, n_sybils=n_sybils, rounds=4, seed=3)
+    for r, (own, received) in enumerate(rounds, start=1):
+        merged = rule.aggregate(own, received, MergeContext(round=r, state=state, extras={}))
+
+    w = SybilWall.peer_weights(state, {}, rounds[-1][0])
+    assert max(w[f"s{i}"] for i in range(n_sybils)) == 0.0
+    assert min(w[f"h{i}"] for i in range(4)) > 0.5
+    assert state.trust("s0") == 0.0, "the last weights are kept"
+    assert state.trust("h0") == w["h0"]
+    own, received = rounds[-1]
+    honest_mean = (own + sum(received[f"h{i}"] for i in range(4))) / 5
+    sybil = received["s0"]
+    assert (merged - honest_mean).norm() < 0.1 * (sybil - honest_mean).norm()
+
+
+def test_a_first_merge_takes_histories_against_our_own_model() -> None:
+    own = torch.randn(D)
+    received = {"a": torch.randn(D), "b": torch.randn(D)}
+    state = SybilWallState()
+
+    SybilWall().aggregate(own, received, MergeContext(round=1, state=state))
+
+    for peer, model in received.items():
+        torch.testing.assert_close(state.histories[peer].h, model - own)
+
+
+def test_weighted_median_matches_the_plain_median_for_equal_weights_and_follows_the_weights() -> None:
+    x = torch.randn(6, 33)
+    for n in range(1, 7):
+        torch.testing.assert_close(weighted_median(x[:n], torch.ones(n, dtype=torch.float64)),
+                                   x[:n].quantile(0.5, dim=0))
+    col = torch.tensor([[0.0], [1.0], [2.0]])
+    assert weighted_median(col, torch.tensor([1.0, 0.0, 5.0])).item() == 2.0  # zero weight: no part
+    assert weighted_median(col, torch.tensor([3.0, 1.0, 1.0])).item() == 0.0
+    assert weighted_median(col, torch.tensor([1.0, 1.0, 2.0])).item() == 1.5  # exactly half: the mean
+    with pytest.raises(ValueError, match="not all 0"):
+        weighted_median(col, torch.zeros(3))
+    with pytest.raises(ValueError, match="weights"):
+        weighted_median(col, torch.ones(2))
 
 
 def test_mode_is_chosen_by_the_spec() -> None:

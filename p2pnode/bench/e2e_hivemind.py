@@ -67,7 +67,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--matchmaking-s", type=float, default=2.0,
                    help="averager min_matchmaking_time (a full group starts at once)")
     p.add_argument("--step-timeout-s", type=float, default=60.0,
-                   help="give up one round's averaging after this long (the round then keeps its own model)")
+                   help="give up looking for a group after this long, and the whole averaging step after "
+                        "twice this long (the round then keeps its own model)")
     p.add_argument("--log-level", default="warning")
     ns, _unused = p.parse_known_args(argv)
     return ns
@@ -161,10 +162,15 @@ def main(argv: list[str] | None = None) -> int:
             with averager.get_tensors() as tensors:
                 tensors[0].copy_(trainer.get_flat())
             began = time.monotonic()
+            # hivemind's timeout bounds only the search for a group, not the all-reduce after it: once
+            # (1 run in 10) seven nodes never returned from step(). Wait on the future with a hard bound.
+            control = averager.step(timeout=ns.step_timeout_s, wait=False)
             try:
-                gathered = averager.step(timeout=ns.step_timeout_s)
+                gathered = control.result(timeout=2 * ns.step_timeout_s)
             except Exception as exc:  # noqa: BLE001 - a failed all-reduce: this round keeps its own model
                 logger.warning("round %d: averaging failed: %r", rnd, exc)
+                with contextlib.suppress(Exception):
+                    control.cancel()
                 gathered = None
             waited = time.monotonic() - began
             if gathered:

@@ -49,8 +49,9 @@ is, never by how many identities there are:
 - our own model counts 1.
 
 Near-identical Sybils then share ``S − c(t)``, their histories stay alike, and they stay out. Two
-variants were measured and rejected (40 honest, geometric graph, 12 rounds, one seed; honest accuracy,
-then 0→1 success mean / worst node): the *logit* SybilWall weight as the count, with newcomers at 0,
+variants were measured and rejected (``scripts/sybilwall_reference_study.py``: 40 honest, geometric
+graph, 12 rounds, one seed; honest accuracy, then 0→1 success mean / worst node): the *logit*
+SybilWall weight as the count, with newcomers at 0,
 starved the reference (our own model alone at a first merge makes every history share ``−`` our update,
 so 35% of honest peers got weight 0, and it stuck: with 1 Sybil 0.517, 5.5% / 88%); uniqueness with
 newcomers at 0 left 33% of honest peers at 0 after the first merge (1 Sybil 0.596, 1.7% / 11.7%; 15 Sybils

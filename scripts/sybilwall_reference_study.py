@@ -1,0 +1,89 @@
+"""Compare ways of choosing SybilWall's relative-history reference on a cut of the sybilwall scenario.
+
+The figures in ``defenses/sybilwall.py`` ("The reference") came from this script: 40 honest nodes on a
+random geometric graph (radius scaled from the scenario's 0.2 at 99 nodes), degree <= 7, one attacker
+with M Sybils, fashion-mnist Dirichlet(0.1), fanout 4, 12 rounds x 10 steps, gradient clip 5, seed 0.
+
+    OMP_NUM_THREADS=1 python scripts/sybilwall_reference_study.py VARIANT SYBILS [--honest 40] [--rounds 12]
+
+VARIANT:
+  current      the code as it is (uniqueness; newcomers by first-sight uniqueness)
+  uniq-new0    uniqueness, newcomers count 0
+  logit-new0   the logit SybilWall weight of the last merge, newcomers count 0
+  plain        every input counts 1 (the plain median of the inputs: the reference before)
+  mean         no SybilWall at all (plain mean merge)
+
+Prints one JSON line: honest accuracy mean/min, 0->1 success mean/worst, and per round the mean share
+of received models that got merge weight 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+from typing import Any
+
+import torch
+
+import defenses.sybilwall as sw
+from p2pnode.sim.scenarios_common import SwarmPlan, run_swarm
+from p2pnode.sim.scenarios_robust import sybil_topology, sybilwall_config
+
+VARIANTS = ("current", "uniq-new0", "logit-new0", "plain", "mean")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("variant", choices=VARIANTS)
+    p.add_argument("sybils", type=int)
+    p.add_argument("--honest", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    ns = p.parse_args()
+
+    last_weights: dict[int, dict[str, float]] = {}  # id(state) -> merge weights of its last merge
+    zero_share: dict[int, list[float]] = collections.defaultdict(list)  # round -> share per merge
+    scores, aggregate = sw.SybilWall.peer_scores, sw.SybilWall.aggregate
+
+    def peer_scores(state: Any, records: Any, own: torch.Tensor) -> Any:
+        out = scores(state, records, own)
+        last_weights[id(state)] = out[0]
+        return out
+
+    def recording_aggregate(self: Any, own: torch.Tensor, received: Any, context: Any = None) -> torch.Tensor:
+        merged = aggregate(self, own, received, context)
+        w = [last_weights[id(context.state)].get(peer, 0.0) for peer in received]
+        if w:
+            zero_share[context.round].append(sum(x == 0.0 for x in w) / len(w))
+        return merged
+
+    sw.SybilWall.peer_scores = staticmethod(peer_scores)  # type: ignore[method-assign]
+    sw.SybilWall.aggregate = recording_aggregate  # type: ignore[method-assign]
+    if ns.variant in ("uniq-new0", "logit-new0", "plain"):
+        sw.first_sight_uniqueness = lambda models, own: torch.zeros(models.shape[0], dtype=torch.float64)
+    if ns.variant == "logit-new0":
+        sw.SybilWallState.trust = lambda self, peer: last_weights.get(id(self), {}).get(peer, 0.0)
+    if ns.variant == "plain":
+        sw.SybilWallState.trust = lambda self, peer: 1.0
+        sw.first_sight_uniqueness = lambda models, own: torch.ones(models.shape[0], dtype=torch.float64)
+
+    cfg = sybilwall_config(False)
+    radius = cfg["radius"] * (99 / ns.honest) ** 0.5
+    adj = sybil_topology(ns.honest, ns.sybils, radius, cfg["max_degree"], ns.seed)
+    opts = {"nodes": ns.honest + ns.sybils, "byzantine": ns.sybils, "attack": "sybil" if ns.sybils else "",
+            "rounds": ns.rounds, "task": cfg["task"], "partition": cfg["partition"], "fanout": cfg["fanout"],
+            "local_steps": cfg["local_steps"], "defense": "mean" if ns.variant == "mean" else "sybilwall",
+            "seed": ns.seed, "final_eval_samples": cfg["final_eval_samples"],
+            "max_grad_norm": cfg["max_grad_norm"]}
+    res = run_swarm(SwarmPlan(options=opts, adjacency=adj, measure_targeted=(0, 1)))
+    keys = ("honest_accuracy_mean", "honest_accuracy_min", "targeted_success_mean", "targeted_success_max")
+    print(json.dumps({"variant": ns.variant, "sybils": ns.sybils, "attack_edges": len(adj[ns.honest]) if
+                      ns.sybils else 0, **{k: round(res[k], 4) for k in keys},
+                      "zero_weight_share_by_round": {r: round(statistics.fmean(v), 3)
+                                                     for r, v in sorted(zero_share.items())}}))
+
+
+if __name__ == "__main__":
+    main()

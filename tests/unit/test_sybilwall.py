@@ -625,7 +625,7 @@ def test_relative_histories_zero_sybils_that_stay_merged_and_keep_honest_peers()
 def test_sybils_that_outnumber_the_honest_inputs_do_not_capture_the_reference(n_sybils: int) -> None:
     # 15 Sybils against own + 4 honest: an unweighted median of the inputs is a Sybil model, so each
     # Sybil's relative update is its own noise and all 15 looked unique (weight 1, merge poisoned)
-    rule, state = SybilWall(), SybilWallState()
+    rule, state = SybilWall(mode="weighted"), SybilWallState()
     rounds = _merged_swarm(n_honest=4, n_sybils=n_sybils, rounds=4, seed=3)
     for r, (own, received) in enumerate(rounds, start=1):
         merged = rule.aggregate(own, received, MergeContext(round=r, state=state, extras={}))
@@ -656,6 +656,17 @@ def test_newcomers_count_in_the_reference_by_how_unlike_each_others_updates_they
     assert first_sight_uniqueness(honest[:1], own).tolist() == [1.0]
 
 
+def test_the_default_plain_median_reference_is_captured_by_a_majority_of_sybils() -> None:
+    # the documented limitation of sybilwall[:relative] that sybilwall:weighted removes
+    rule, state = SybilWall(), SybilWallState()
+    rounds = _merged_swarm(n_honest=4, n_sybils=15, rounds=4, seed=3)
+    for r, (own, received) in enumerate(rounds, start=1):
+        rule.aggregate(own, received, MergeContext(round=r, state=state, extras={}))
+
+    w = SybilWall.peer_weights(state, {}, rounds[-1][0])
+    assert min(w[f"s{i}"] for i in range(15)) > 0.5, "near-identical Sybils should get 0, and do not"
+
+
 def test_a_first_merge_is_not_captured_by_a_majority_of_arriving_sybils() -> None:
     g = torch.Generator().manual_seed(6)
     own = torch.zeros(D)
@@ -664,7 +675,7 @@ def test_a_first_merge_is_not_captured_by_a_majority_of_arriving_sybils() -> Non
     received |= {f"h{i}": torch.randn(D, generator=g) for i in range(4)}
     state = SybilWallState()
 
-    SybilWall().aggregate(own, received, MergeContext(round=1, state=state))
+    SybilWall(mode="weighted").aggregate(own, received, MergeContext(round=1, state=state))
 
     sybil_h = torch.stack([state.histories[f"s{i}"].h for i in range(15)])
     assert float(sybil_h.norm(dim=1).min()) > 0.5 * float(poison.norm()), "Sybil updates are not noise"
@@ -690,6 +701,8 @@ def test_mode_is_chosen_by_the_spec() -> None:
     from defenses import make_aggregator
 
     assert make_aggregator("sybilwall").relative
+    assert not make_aggregator("sybilwall").weighted_reference
+    assert make_aggregator("sybilwall:weighted").weighted_reference
     assert not make_aggregator("sybilwall:absolute").relative
-    with pytest.raises(ValueError, match="relative\\|absolute"):
+    with pytest.raises(ValueError, match="relative\\|weighted\\|absolute"):
         make_aggregator("sybilwall:other")

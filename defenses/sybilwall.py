@@ -61,8 +61,10 @@ median: 1 Sybil 0.627, 4.2% / 55.8%; 15 Sybils 0.562, 16.4% / 97.4% (plain mean 
 It is not the default. On the full sybilwall scenario it held 15 Sybils (worst victim 5.2%) at 6–7
 points of honest accuracy, but on the robustness bench's full-view Sybil table (16 honest, Dirichlet(1),
 fanout 6) one run with 5 Sybils collapsed the whole swarm to chance (0.10, local training diverging),
-where the plain median holds all three Sybil counts at 0.2% with 0.83–0.86 accuracy. Not understood
-yet; one run each.
+where the plain median had held all three Sybil counts at 0.2% with 0.83–0.86 accuracy (at 7895141).
+A re-run of both at 5868638 collapsed the plain median too (1 and 15 Sybils) and `weighted` at 15: the
+collapses (local training diverging, that bench has no gradient clip) are not particular to either
+reference, and which default is better is open (BENCHMARKS.md, Sybil table).
 
 - ``h_p`` starts from 0 and only ever adds updates (the reference code starts from the full model,
   which turns ``h_p`` into a model whose shared initialisation dominates every cosine). When the swarm's

@@ -383,14 +383,14 @@ class SybilWall(Aggregator):
         base = context.extras.get("base")
         base = None if base is None else _checked(base, own, "base")
         center = None
-        if self.relative and not self.weighted_reference:  # the round's robust consensus (module docstring)
-            center = stacked.median(dim=0).values  # (d,)
-        elif self.weighted_reference:  # each input counted by its uniqueness ("The reference")
+        if self.weighted_reference:  # each input counted by its uniqueness ("The reference")
             trust = torch.tensor([1.0, *(state.trust(p) for p in received)], dtype=torch.float64)  # (1 + k,)
             new = torch.tensor([False, *(p not in state.uniqueness for p in received)])  # (1 + k,)
             if new.any():
                 trust[new] = first_sight_uniqueness(stacked[1:], own)[new[1:]]
             center = weighted_median(stacked, trust)  # (d,)
+        elif self.relative:  # the round's robust consensus (module docstring)
+            center = stacked.median(dim=0).values  # (d,)
         for peer, model in received.items():
             state.observe(peer, model, base=base, round=context.round, own=center)
         weights, unique = self.peer_scores(state, context.extras.get("records", {}), own)

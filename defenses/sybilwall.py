@@ -197,14 +197,7 @@ def first_sight_uniqueness(models: torch.Tensor, own: torch.Tensor) -> torch.Ten
     swarm arriving) ~0, an honest newcomer about what its dissimilarity to the others earns. A model
     equal to ``own`` has no direction and gets 0.
     """
-    updates = (models - own).double()  # (k, d)
-    live = updates.norm(dim=1) > 0  # (k,)
-    out = torch.zeros(models.shape[0], dtype=torch.float64)  # (k,)
-    if int(live.sum()) == 1:
-        out[live] = 1.0
-    elif live.any():
-        out[live] = uniqueness(cosine_matrix(updates[live]))
-    return out
+    return sybilwall_scores(models - own)[1]
 
 
 def weighted_median(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

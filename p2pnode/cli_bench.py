@@ -230,7 +230,9 @@ def add_gpu_bench(which: Any) -> None:
                    help="free: each node runs its own round loop, as separate daemons do; lockstep: round "
                         f"r+1 starts when every node has finished round r (default {g.schedule})")
     p.add_argument("--sections", type=_csv(str), default=g.sections,
-                   help="what to run (default " + ",".join(g.sections) + ")")
+                   help="what to run, among throughput, processes (the throughput pair with one daemon "
+                        "process per node: libp2p on loopback), codecs, rules (default "
+                        + ",".join(g.sections) + ")")
     p.add_argument("--json", type=Path, default=g.json_path, help=f"results file (default {g.json_path})")
 
 

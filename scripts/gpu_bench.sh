@@ -7,8 +7,10 @@
 # 1. prints diagnostics (GPU, Python interpreters and their torch, packages);
 # 2. picks the first Python whose torch sees CUDA: $PYTHON, python3, /opt/torch/.venv/bin/python3,
 #    .venv/bin/python (a CPU-only torch, like this repository's .venv, is skipped);
-# 3. unpacks the wheels in .gpu-bench/wheels for the modules that Python cannot import into
-#    /tmp/p2pnode-site (nothing is installed into the machine's own environment);
+# 3. installs the wheels in .gpu-bench/wheels for the modules that Python cannot import (and protobuf
+#    when the image's is older than hivemind's generated code needs) into /tmp/p2pnode-site with
+#    `pip install --no-index --no-deps --target` (nothing goes into the machine's own environment;
+#    pip keeps the libp2p daemon's executable bit);
 # 4. runs the bench with --data-dir .gpu-bench/fashion-mnist, writing $OUT/bench-gpu.json and
 #    $OUT/bench-gpu.log when OUT is set, else runs/bench-gpu.json and runs/bench-gpu.log.
 # P2PNODE_GPU_BENCH=hotpaths runs `p2pnode bench hotpaths --rpc-seconds 0` instead (its CPU parts).
@@ -56,20 +58,34 @@ say "using $PY"
 "$PY" -m pip list 2>/dev/null | grep -iE '^(torch|numpy|msgpack|cryptography|cffi|base58|hivemind) ' >&2
 
 # module to import : wheel name prefix in .gpu-bench/wheels
-for pair in cffi:cffi pycparser:pycparser cryptography:cryptography base58:base58 msgpack:msgpack; do
+MODULES="cffi:cffi pycparser:pycparser cryptography:cryptography base58:base58 msgpack:msgpack
+    hivemind:hivemind configargparse:configargparse netaddr:netaddr multihash:py_multihash morphys:morphys
+    cid:py_cid pydantic:pydantic pydantic_core:pydantic_core annotated_types:annotated_types
+    typing_inspection:typing_inspection prefetch_generator:prefetch_generator varint:varint
+    aiomqtt:aiomqtt paho.mqtt:paho_mqtt"
+wheels=()
+for pair in $MODULES; do
     module=${pair%%:*}
     wheel=${pair##*:}
-    if PYTHONPATH="$SITE" "$PY" -c "import $module" >/dev/null 2>&1; then
-        continue
-    fi
+    "$PY" -c "import $module" >/dev/null 2>&1 && continue
     found=$(ls "$PREP"/wheels/"$wheel"-*.whl 2>/dev/null | head -1)
     if [ -z "$found" ]; then
         say "$module is missing and there is no wheel for it in $PREP/wheels"
         continue
     fi
-    say "unpacking $(basename "$found") into $SITE"
-    "$PY" -m zipfile -e "$found" "$SITE"
+    wheels+=("$found")
 done
+# hivemind's generated protobuf code checks the runtime's version (5.27 or newer)
+if ! "$PY" -c 'import sys, google.protobuf as p
+sys.exit(tuple(int(x) for x in p.__version__.split(".")[:2]) < (5, 27))' >/dev/null 2>&1; then
+    found=$(ls "$PREP"/wheels/protobuf-*.whl 2>/dev/null | head -1)
+    [ -n "$found" ] && wheels+=("$found") || say "protobuf is missing or too old and there is no wheel for it"
+fi
+if [ ${#wheels[@]} -gt 0 ]; then
+    say "installing into $SITE: $(for w in "${wheels[@]}"; do basename "$w"; done | tr '\n' ' ')"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "${wheels[@]}" \
+        || say "pip install --target $SITE failed"
+fi
 export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 if ! "$PY" -c 'import p2pnode.bench.gpu, p2pnode.inproc, protocols.codecs.bench, cryptography, base58, msgpack'
@@ -77,6 +93,7 @@ then
     say "the project does not import with $PY (see the error above); nothing run"
     exit 4
 fi
+"$PY" -c 'from hivemind.p2p import P2P' || say "hivemind does not import: the processes section will fail"
 
 data=()
 if [ -d "$PREP/fashion-mnist" ]; then

@@ -2,24 +2,28 @@
 # Prepare .gpu-bench/ (git-ignored) HERE, on a machine with PyPI and the fashion-mnist package, for
 # scripts/gpu_bench.sh to use on a GPU machine that reaches no network. Carry `.gpu-bench` there.
 #
-# The GPU machine (this workplace's 'cuda' image) has python3 3.12 with a CUDA torch, numpy and
-# msgpack, but not cryptography, cffi, pycparser or base58, and no Fashion-MNIST. This fetches their
-# cp312 manylinux wheels at the versions constraints.txt pins (msgpack too, used only if missing there)
-# and writes the first 24,000 training and 2,000 test images of Fashion-MNIST as IDX files (about
-# 11 MB; the bench measures speed, not accuracy). Idempotent.
+# The GPU machine (this workplace's 'cuda' image) has python3 3.12 with a CUDA torch, numpy, msgpack,
+# scipy, uvloop, PyYAML, sortedcontainers and protobuf, but not hivemind (with its libp2p daemon) and
+# its other needs, cryptography, base58 or aiomqtt, and no Fashion-MNIST. This fetches their cp312
+# manylinux wheels at the versions constraints.txt pins (building the two that PyPI has only as
+# sources, both pure Python; msgpack and protobuf too, used only where the image's are missing or too
+# old), about 20 MB, and writes the first 24,000 training and 2,000 test images of Fashion-MNIST as
+# IDX files (about 11 MB; the bench measures speed, not accuracy). Idempotent.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DEST=.gpu-bench
 PY="${PYTHON:-.venv/bin/python}"
-PACKAGES=(cryptography cffi pycparser base58 msgpack)
+PACKAGES=(cryptography cffi pycparser base58 msgpack hivemind configargparse netaddr py-multihash morphys
+          py-cid pydantic pydantic_core annotated-types typing-inspection protobuf aiomqtt paho-mqtt)
+SOURCE_ONLY=(prefetch_generator varint)  # pure Python, no wheel on PyPI: built here
 
 pin() { grep -i "^$1==" constraints.txt | head -1; }
 
 mkdir -p "$DEST/wheels" "$DEST/fashion-mnist"
 rm -f "$DEST"/wheels/*.whl
 specs=()
-for name in "${PACKAGES[@]}"; do
+for name in "${PACKAGES[@]}" "${SOURCE_ONLY[@]}"; do
     spec=$(pin "$name")
     [ -n "$spec" ] || { echo "gpu_prepare: $name is not pinned in constraints.txt" >&2; exit 1; }
     specs+=("$spec")
@@ -27,7 +31,8 @@ done
 # the oldest glibc first: pip prefers the platforms in the order given
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-    --platform manylinux_2_34_x86_64 -d "$DEST/wheels" "${specs[@]}"
+    --platform manylinux_2_34_x86_64 -d "$DEST/wheels" "${specs[@]:0:${#PACKAGES[@]}}"
+"$PY" -m pip wheel -q --no-deps -w "$DEST/wheels" "${specs[@]:${#PACKAGES[@]}}"
 
 "$PY" - "$DEST/fashion-mnist" <<'EOF'
 """Write the first 24,000 training and 2,000 test Fashion-MNIST samples as gzipped IDX files."""

@@ -17,6 +17,15 @@
    training there) are left out; the rest are pooled over trials and their medians taken. Reported
    per mode: steps/s per node = H / median round time (what a node gets, end to end) and train-only
    steps/s = H / median time of one ``local_training`` call; gossip cost = 1 − on / off.
+   ``schedule`` free is how daemons run (each node its own round loop); lockstep puts a barrier after
+   every round. All nodes are threads of one Python process, so they share one interpreter lock.
+1b. **The same with one OS process per node** (section ``processes``): :class:`p2pnode.swarm.Swarm`
+   starts ``nodes`` real daemons (``p2pnode run``: libp2p transport over loopback, ``--device``), the
+   daemon's normal deployment, with gossip off (fanout 0) and on (fanout k, ``--overlap``), alternating
+   ``trials`` times. Timed from each node's own ``round`` rows (``t``, written when a round ends): steps/s
+   per node = H / median of the gaps between consecutive rows over rounds ``warmup_rounds + 1 ..
+   rounds - 1``, pooled over nodes and trials. No per-process training-call timing (the daemon does not
+   record it). Per-round evaluation is off (``--eval-every`` past the last round).
 2. **Codecs on the device**: :func:`protocols.codecs.bench.bench_codecs` with ``device``: encode of
    a ``numel``-element fp32 tensor that lives there (to host bytes) and decode onto it, GB/s of fp32
    input (median of ``repeats`` after a warm-up, synchronised), with ``x.clone()`` there as reference.
@@ -31,8 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import statistics
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -53,6 +64,7 @@ from p2pnode.transport import Transport
 logger = logging.getLogger(__name__)
 
 RESNET50_NUMEL = 25_557_032
+SECTIONS = ("throughput", "processes", "codecs", "rules")
 CODECS = ("dense", "fp16", "bf16", "int8", "topk:0.01", "topk:0.001", "powersgd:2", "terngrad")
 TIMED = ("throughput: steps/s per node = local_steps / median round wall time (schedule free: each "
          "node's rounds, end to end, every node running its own loop; lockstep: all nodes' run_round, "
@@ -98,8 +110,8 @@ class GpuBenchOptions:
                              f"got {self.rounds} and {self.warmup_rounds}")
         if self.schedule not in ("free", "lockstep"):
             raise ValueError(f"schedule must be free or lockstep, got {self.schedule!r}")
-        if not set(self.sections) <= {"throughput", "codecs", "rules"}:
-            raise ValueError(f"sections must be among throughput, codecs, rules; got {self.sections}")
+        if not set(self.sections) <= set(SECTIONS):
+            raise ValueError(f"sections must be among {', '.join(SECTIONS)}; got {self.sections}")
         if min(self.local_steps, self.trials, self.repeats) < 1 or self.numel < 4096 or self.inputs < 9:
             raise ValueError("need local_steps, trials, repeats >= 1, numel >= 4096 and inputs >= 9")
 
@@ -212,6 +224,71 @@ def bench_throughput(opts: GpuBenchOptions, device: str,
             / off["train_steps_per_s_per_node"], "runs": runs}
 
 
+# -- 1b. the same, one OS process per node -----------------------------------------------------------------
+def run_processes_timed(opts: GpuBenchOptions, device: str, out: Path, *, gossip: bool) -> dict[str, Any]:
+    """One swarm of daemon processes with gossip off or on; the gaps between each node's round rows."""
+    from p2pnode.swarm import Swarm, SwarmOptions
+
+    extra = ["--eval-every", str(opts.rounds + 1), "--eval-samples", "256",
+             "--batch-size", str(opts.batch_size)]
+    if gossip:
+        extra.append("--overlap")
+    if opts.data_dir is not None:
+        extra += ["--data-dir", str(Path(opts.data_dir).resolve())]
+    run = SwarmOptions(nodes=opts.nodes, rounds=opts.rounds, task=opts.task, seed=opts.seed, device=device,
+                       fanout=opts.fanout if gossip else 0, local_steps=opts.local_steps, out=out,
+                       linger_s=5.0, extra_args=extra)
+    with Swarm(run) as swarm:
+        swarm.start()
+        finished = swarm.wait_finished()
+        swarm.stop()
+        paths = [swarm.node_paths(i).metrics for i in range(opts.nodes)]
+    if not finished:
+        mode = "on" if gossip else "off"
+        raise RuntimeError(f"a node of the gossip-{mode} swarm did not finish; logs in {out}/logs")
+    w, last = opts.warmup_rounds, opts.rounds
+    round_s: list[float] = []
+    pulled: list[int] = []
+    exchange_s: list[float] = []
+    sent: list[float] = []
+    for path in paths:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        ends = {row["round"]: row for row in rows if row.get("event") == "round"}
+        round_s += [ends[r]["t"] - ends[r - 1]["t"] for r in range(w + 1, last)]
+        pulled += [ends[r]["pulled"] for r in range(w + 1, last)]
+        exchange_s += [ends[r]["exchange_s"] for r in range(w + 1, last)]
+        sent.append((ends[last - 1]["bytes_sent"] - ends[w]["bytes_sent"]) / (last - 1 - w))
+    return {"mode": "on" if gossip else "off", "fanout": run.fanout, "overlap": gossip, "round_s": round_s,
+            "pulled_per_round": statistics.fmean(pulled), "exchange_s_median": statistics.median(exchange_s),
+            "bytes_sent_per_node_round": statistics.fmean(sent), "out": str(out)}
+
+
+def bench_processes(opts: GpuBenchOptions, device: str,
+                    progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    """Alternate gossip-off and gossip-on swarms of daemon processes; medians per mode and the cost."""
+    root = Path(tempfile.mkdtemp(prefix="p2pnode-bench-gpu-processes-"))
+    runs: list[dict[str, Any]] = []
+    for trial in range(opts.trials):
+        for gossip in (False, True):
+            mode = "on" if gossip else "off"
+            progress(f"processes: trial {trial + 1}/{opts.trials}, gossip {mode}")
+            runs.append({"trial": trial, **run_processes_timed(opts, device, root / f"trial-{trial}-{mode}",
+                                                               gossip=gossip)})
+    summary: dict[str, dict[str, Any]] = {}
+    for mode in ("off", "on"):
+        mine = [r for r in runs if r["mode"] == mode]
+        med = statistics.median([t for r in mine for t in r["round_s"]])
+        summary[mode] = {"steps_per_s_per_node": opts.local_steps / med, "round_s_median": med,
+                         "rounds_timed": sum(len(r["round_s"]) for r in mine),
+                         "pulled_per_round": statistics.fmean(r["pulled_per_round"] for r in mine),
+                         "exchange_s_median": statistics.median(r["exchange_s_median"] for r in mine),
+                         "bytes_sent_per_node_round": statistics.fmean(r["bytes_sent_per_node_round"]
+                                                                       for r in mine)}
+    on, off = summary["on"]["steps_per_s_per_node"], summary["off"]["steps_per_s_per_node"]
+    return {"nodes": opts.nodes, "local_steps": opts.local_steps, "fanout": opts.fanout, "task": opts.task,
+            "off": summary["off"], "on": summary["on"], "gossip_cost": 1.0 - on / off, "runs": runs}
+
+
 # -- 2. codecs, 3. rules --------------------------------------------------------------------------------
 def bench_layout(numel: int) -> tuple[str, Any]:
     """ResNet-50's layout for its size; otherwise a (64, m) matrix plus a vector (PowerSGD has work)."""
@@ -275,7 +352,8 @@ def run_gpu_bench(opts: GpuBenchOptions,
         "device": device, "machine": machine_info(), "timed": TIMED, "errors": {}, "wall_s": {},
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}}
     sections: dict[str, Callable[..., dict[str, Any]]] = {
-        "throughput": bench_throughput, "codecs": bench_codecs_on, "rules": bench_rules_on}
+        "throughput": bench_throughput, "processes": bench_processes, "codecs": bench_codecs_on,
+        "rules": bench_rules_on}
     for name, section in sections.items():
         if name not in opts.sections:
             continue
@@ -312,6 +390,20 @@ def format_report(data: dict[str, Any]) -> str:
         verdict = "meets" if tp["gossip_cost"] <= 0.05 else "misses"
         lines += [f"gossip cost = 1 - on/off = {100 * tp['gossip_cost']:.1f}% of local step throughput "
                   f"({verdict} <= 5%); train-only: {100 * tp['gossip_cost_train_only']:.1f}%", ""]
+    pr = data.get("processes")
+    if pr:
+        lines += [f"Local step throughput: {pr['nodes']} daemon processes on one device, {pr['task']}, "
+                  f"H = {pr['local_steps']}, batch {data['options']['batch_size']}",
+                  "| gossip | steps/s per node (round wall time) | median round s | exchanges per round | "
+                  "median exchange s | MB sent per node per round |", "|---|---:|---:|---:|---:|---:|"]
+        for key, label in (("off", "off (fanout 0)"), ("on", f"on (fanout {pr['fanout']}, overlap)")):
+            s = pr[key]
+            lines.append(f"| {label} | {s['steps_per_s_per_node']:.1f} | {s['round_s_median']:.4f} | "
+                         f"{s['pulled_per_round']:.2f} | {s['exchange_s_median']:.4f} | "
+                         f"{s['bytes_sent_per_node_round'] / 1e6:.3f} |")
+        verdict = "meets" if pr["gossip_cost"] <= 0.05 else "misses"
+        lines += [f"gossip cost = 1 - on/off = {100 * pr['gossip_cost']:.1f}% of local step throughput "
+                  f"({verdict} <= 5%)", ""]
     cd = data.get("codecs")
     if cd:
         lines += [f"Codecs on {cd['device']}, {cd['layout']} ({cd['numel']:,} fp32), median of "

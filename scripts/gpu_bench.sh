@@ -60,7 +60,8 @@ say "using $PY"
 # module to import : wheel name prefix in .gpu-bench/wheels
 MODULES="cffi:cffi pycparser:pycparser cryptography:cryptography base58:base58 msgpack:msgpack
     hivemind:hivemind configargparse:configargparse netaddr:netaddr multihash:py_multihash morphys:morphys
-    cid:py_cid pydantic:pydantic pydantic_core:pydantic_core annotated_types:annotated_types
+    cid:py_cid multibase:py_multibase multicodec:py_multicodec blake3:blake3 mmh3:mmh3
+    baseconv:python_baseconv pydantic:pydantic pydantic_core:pydantic_core annotated_types:annotated_types
     typing_inspection:typing_inspection prefetch_generator:prefetch_generator varint:varint
     aiomqtt:aiomqtt paho.mqtt:paho_mqtt"
 wheels=()

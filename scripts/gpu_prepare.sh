@@ -15,8 +15,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DEST=.gpu-bench
 PY="${PYTHON:-.venv/bin/python}"
 PACKAGES=(cryptography cffi pycparser base58 msgpack hivemind configargparse netaddr py-multihash morphys
-          py-cid pydantic pydantic_core annotated-types typing-inspection protobuf aiomqtt paho-mqtt)
-SOURCE_ONLY=(prefetch_generator varint)  # pure Python, no wheel on PyPI: built here
+          py-cid py-multibase py-multicodec blake3 mmh3 pydantic pydantic_core annotated-types
+          typing-inspection protobuf aiomqtt paho-mqtt)
+SOURCE_ONLY=(prefetch_generator varint python-baseconv)  # pure Python, no wheel on PyPI: built here
 
 pin() { grep -i "^$1==" constraints.txt | head -1; }
 

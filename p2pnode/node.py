@@ -167,6 +167,7 @@ class RoundReport:
     test_accuracy: float | None = None
     test_loss: float | None = None
     exchange_s: float | None = None  # time this round waited on its exchange with peers
+    train_s: float | None = None  # wall time of the local_training call whose model this round sent
 
 
 class Node:
@@ -214,7 +215,7 @@ class Node:
         self.wire = ModelWire(config.gossip.codec, layout=layout, init=trainer.get_flat(),
                               spec_fingerprint=self.fingerprint,
                               capacity=config.gossip.codec_peers)
-        self._next_training: asyncio.Future[float] | None = None  # --overlap
+        self._next_training: asyncio.Future[tuple[float, float]] | None = None  # --overlap
         self._next_start: torch.Tensor | None = None
         self._inflight: set[str] = set()  # peers we have a request out to (compressed codecs: one at a time)
         self.inbox = Inbox(config.gossip.max_inbox)
@@ -242,7 +243,6 @@ class Node:
         continues above the numbers its peers' replay guards remember from its previous run."""
         return time.time_ns() // 1000
 
-    # -- wire --------------------------------------------------------------------------------------
     # -- hooks (a Byzantine node overrides these; honest ones send what they have) ---------------------
     def outgoing_model(self, own: torch.Tensor) -> torch.Tensor:
         """The model this node sends; honest nodes send their own."""
@@ -254,6 +254,12 @@ class Node:
     def local_training(self, steps: int) -> float:
         """``steps`` local SGD steps on the own shard; returns their mean loss (runs in a worker thread)."""
         return self.trainer.train_steps(steps)
+
+    def _timed_training(self, steps: int) -> tuple[float, float]:
+        """:meth:`local_training` and its wall time in seconds (ended by the loss's ``.item()``)."""
+        t0 = time.perf_counter()
+        loss = self.local_training(steps)
+        return loss, time.perf_counter() - t0
 
     # -- wire --------------------------------------------------------------------------------------
     def _seal_model(self, kind: str, flat: torch.Tensor, peer_id: str,
@@ -466,11 +472,11 @@ class Node:
         cfg = self.config
         self.round += 1
         if self._next_training is not None:  # --overlap: these steps ran during the last exchange
-            start, loss = self._next_start, await self._next_training
+            start, (loss, train_s) = self._next_start, await self._next_training
             self._next_training = None
         else:
             start = await asyncio.to_thread(self.trainer.get_flat) if self.extension is not None else None
-            loss = await asyncio.to_thread(self.local_training, cfg.task.local_steps)
+            loss, train_s = await asyncio.to_thread(self._timed_training, cfg.task.local_steps)
         sent = await asyncio.to_thread(self.trainer.get_flat)
         if not torch.isfinite(sent).all():
             sent = await self._recover_from_divergence(loss)
@@ -485,7 +491,7 @@ class Node:
             # on the live model as a delta, so those steps are kept
             self._next_start = sent
             self._next_training = asyncio.ensure_future(
-                asyncio.to_thread(self.local_training, cfg.task.local_steps))
+                asyncio.to_thread(self._timed_training, cfg.task.local_steps))
         waiting = time.monotonic()
         pulled = await self.exchange(peers, sent)
         waited = time.monotonic() - waiting
@@ -498,7 +504,8 @@ class Node:
         if received:
             await self._merge(sent, received)
         report = RoundReport(round=self.round, train_loss=loss, peers_in_view=len(self.membership.live()),
-                             pulled=len(pulled), pushed_to_us=len(pushed), exchange_s=round(waited, 4))
+                             pulled=len(pulled), pushed_to_us=len(pushed), exchange_s=round(waited, 4),
+                             train_s=round(train_s, 4))
         if self.round % cfg.task.eval_every == 0:
             report.test_accuracy, report.test_loss = await asyncio.to_thread(
                 self.trainer.evaluate, cfg.task.eval_samples)
@@ -590,6 +597,7 @@ class Node:
             metrics.write("round", **self.counters(), round=r.round, train_loss=r.train_loss,
                           test_accuracy=r.test_accuracy, test_loss=r.test_loss, peers_in_view=r.peers_in_view,
                           pulled=r.pulled, pushed_to_us=r.pushed_to_us, exchange_s=r.exchange_s,
+                          train_s=r.train_s,
                           **self.model_probe())
             for hook in self.round_hooks:
                 await hook()

@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -38,15 +38,23 @@ class Identity:
 
     private_key: Ed25519PrivateKey
     path: Path | None = None
+    # derived once: every sealed message names its sender, so these are on the hot path
+    _public: bytes = field(init=False, repr=False, compare=False)
+    _peer_id: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        public = self.private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        object.__setattr__(self, "_public", public)
+        object.__setattr__(self, "_peer_id", peer_id_from_pubkey(public))
 
     @property
     def public_bytes(self) -> bytes:
-        return self.private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return self._public
 
     @property
     def peer_id(self) -> str:
         """Base58 libp2p peer id (``12D3KooW…``) of this key."""
-        return peer_id_from_pubkey(self.public_bytes)
+        return self._peer_id
 
     def sign(self, message: bytes) -> bytes:
         return self.private_key.sign(message)

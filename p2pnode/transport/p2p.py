@@ -13,6 +13,7 @@ Library errors (hivemind's ``P2PDaemonError`` / ``P2PHandlerError``, ``OSError``
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -69,6 +70,11 @@ def _parse_peer_id(peer_id: str) -> PeerID:
 
 def _parse_maddrs(peer_id: str, maddrs: Sequence[str]) -> list[Multiaddr]:
     """Parse announced addresses, dropping a trailing ``/p2p/<id>`` (and addresses of other peers)."""
+    return list(_parse_maddrs_cached(peer_id, tuple(maddrs)))
+
+
+@functools.lru_cache(maxsize=4096)  # every exchange dials its peer's (rarely changing) addresses
+def _parse_maddrs_cached(peer_id: str, maddrs: tuple[str, ...]) -> tuple[Multiaddr, ...]:
     parsed = []
     for text in maddrs:
         base, _, owner = text.partition("/p2p/")
@@ -79,7 +85,7 @@ def _parse_maddrs(peer_id: str, maddrs: Sequence[str]) -> list[Multiaddr]:
             parsed.append(Multiaddr(base))
         except Exception as exc:  # the multiaddr library raises several unrelated types
             raise PeerUnreachable(f"invalid multiaddr {text!r}: {exc}", peer=peer_id) from exc
-    return parsed
+    return tuple(parsed)
 
 
 class P2PTransport(Transport):

@@ -607,7 +607,25 @@ class Node:
             self.snapshots.close()  # peers still waiting for a round we will not make get our live model
         accuracy, loss = await asyncio.to_thread(self.trainer.evaluate, None)
         return metrics.write("final", **self.counters(), rounds=self.round, round=self.round,
-                             test_accuracy=accuracy, test_loss=loss)
+                             test_accuracy=accuracy, test_loss=loss, **self.defense_report())
+
+    def defense_report(self) -> dict[str, Any]:
+        """What the defense learned about its peers, for the final row (empty for most rules).
+
+        SybilWall: ``peer_trust``, each peer's uniqueness (1 − the largest cosine of its history with
+        another's) at the last merge that weighed it, near 0 for identities that move together; and the
+        gossiped record table's size, ``sybil_records``, of which ``sybil_records_relayed`` came over
+        more than one hop.
+        """
+        report: dict[str, Any] = {}
+        trust = getattr(self.merge_state, "uniqueness", None)
+        if isinstance(trust, dict) and trust:
+            report["peer_trust"] = {peer: round(float(u), 4) for peer, u in trust.items()}
+        records = getattr(self.extension, "records", None)
+        if records is not None:
+            report["sybil_records"] = len(records)
+            report["sybil_records_relayed"] = sum(1 for known in records.values() if known.hop > 1)
+        return report
 
 
 # -- process lifecycle -----------------------------------------------------------------------------

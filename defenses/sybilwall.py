@@ -64,7 +64,12 @@ fanout 6) one run with 5 Sybils collapsed the whole swarm to chance (0.10, local
 where the plain median had held all three Sybil counts at 0.2% with 0.83–0.86 accuracy (at 7895141).
 A re-run of both at 5868638 collapsed the plain median too (1 and 15 Sybils) and `weighted` at 15: the
 collapses (local training diverging, that bench has no gradient clip) are not particular to either
-reference, and which default is better is open (BENCHMARKS.md, Sybil table).
+reference. With a gradient clip of 5 (``scripts/sybil_table_clip_probe.py``, one run per cell) nothing
+collapsed and the two are alike there: 1 / 5 / 15 Sybils 0.16% / 0.18% / 0.21% of class 0 read as 1
+(honest accuracy 0.859 / 0.858 / 0.846) with ``weighted``, 0.19% / 0.11% / 0.29% (0.858 / 0.859 / 0.843)
+with the plain median. So the case against ``weighted`` as the default is gone; what remains is its cost
+on the scenario (3–4 points of honest accuracy below the plain median's). Which is the default is still
+to be decided with a re-run of the scenario and the table under it (BENCHMARKS.md, Sybil table).
 
 - ``h_p`` starts from 0 and only ever adds updates (the reference code starts from the full model,
   which turns ``h_p`` into a model whose shared initialisation dominates every cosine). When the swarm's

@@ -252,14 +252,43 @@ def test_sybilwall_across_real_processes_gossips_records_and_distrusts_the_sybil
     relayed = 0
     for final in finals[:honest]:
         assert final["messages_rejected"] == 0, final
-        # every other identity's signed record reached this node (8 nodes, fanout 3, 10 rounds)
-        assert final["sybil_records"] == honest + sybils - 1, final["sybil_records"]
+        # other identities' signed records reached this node. Not necessarily all 7: a message carries
+        # one relayed record and an origin announces its own at most every 5 rounds, so full coverage in
+        # 10 rounds is likely, not certain (one node of one run in ~50 knew 6)
+        assert final["sybil_records"] >= honest + sybils - 2, final["sybil_records"]
         relayed += final["sybil_records_relayed"]
         trust = final["peer_trust"]
         of_sybils = [trust[p] for p in sybil_ids if p in trust]
         of_honest = [trust[p] for p in honest_ids - {final["peer_id"]} if p in trust]
-        assert len(of_sybils) == sybils, trust
-        assert len(of_honest) == honest - 1, trust
+        assert len(of_sybils) >= sybils - 1, trust
+        assert len(of_honest) >= honest - 2, trust
         assert min(of_sybils) < min(of_honest), (of_sybils, of_honest)  # the least trusted is a Sybil
-        assert sum(of_sybils) / sybils < 0.5 * sum(of_honest) / len(of_honest), (of_sybils, of_honest)
+        assert sum(of_sybils) / len(of_sybils) < 0.5 * sum(of_honest) / len(of_honest), (of_sybils, of_honest)
     assert relayed > 0, "no record came over more than one hop"
+
+
+@pytest.mark.timeout(240)
+def test_bench_gpu_processes_section_times_real_daemons_off_and_on(tmp_path: Path) -> None:
+    """`bench gpu --sections processes` on the CPU: real daemons, gossip off then on, timed by their rows."""
+    out = tmp_path / "bench-gpu.json"
+    proc = subprocess.run([*P2PNODE, "bench", "gpu", "--device", "cpu", "--sections", "processes", "--task",
+                           "digits", "--nodes", "2", "--fanout", "1", "--rounds", "6", "--warmup-rounds", "2",
+                           "--local-steps", "2", "--trials", "1", "--json", str(out)],
+                          env=ENV, capture_output=True, text=True, timeout=220)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["errors"] == {}
+    pr = data["processes"]
+    assert [r["mode"] for r in pr["runs"]] == ["off", "on"]
+    assert [r["overlap"] for r in pr["runs"]] == [False, True]
+    for mode in ("off", "on"):
+        figures = pr[mode]
+        assert figures["rounds_timed"] == 2 * 3, "each node's rounds 3..5 (warm-up and last round left out)"
+        assert figures["steps_per_s_per_node"] > 0
+        assert figures["train_steps_per_s_per_node"] >= figures["steps_per_s_per_node"], figures
+    assert pr["off"]["pulled_per_round"] == 0
+    assert pr["off"]["bytes_sent_per_node_round"] == 0, "gossip off sends no model"
+    assert pr["on"]["pulled_per_round"] == 1, "gossip on pulls from its one peer every round"
+    assert pr["on"]["bytes_sent_per_node_round"] >= DIGITS_MODEL_BYTES, "and pushes the whole model"
+    ratio = pr["on"]["steps_per_s_per_node"] / pr["off"]["steps_per_s_per_node"]
+    assert pr["gossip_cost"] == pytest.approx(1 - ratio)

@@ -216,8 +216,19 @@ def bench_throughput(opts: GpuBenchOptions, device: str,
         for gossip in (False, True):
             progress(f"throughput: trial {trial + 1}/{opts.trials}, gossip {'on' if gossip else 'off'}")
             runs.append({"trial": trial, **run_swarm_timed(opts, device, gossip=gossip)})
-    off = _mode_summary([r for r in runs if r["mode"] == "off"], opts.local_steps)
-    on = _mode_summary([r for r in runs if r["mode"] == "on"], opts.local_steps)
+    return _off_on_result(opts, runs)
+
+
+def _off_on_result(opts: GpuBenchOptions, runs: list[dict[str, Any]],
+                   extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Per-mode medians of alternating off/on runs and the gossip cost; ``extra`` per-run figures are
+    summarised by their median over runs."""
+    modes = {}
+    for mode in ("off", "on"):
+        mine = [r for r in runs if r["mode"] == mode]
+        modes[mode] = {**_mode_summary(mine, opts.local_steps),
+                       **{key: statistics.median(r[key] for r in mine) for key in extra}}
+    off, on = modes["off"], modes["on"]
     return {"nodes": opts.nodes, "local_steps": opts.local_steps, "fanout": opts.fanout, "task": opts.task,
             "off": off, "on": on,
             "gossip_cost": 1.0 - on["steps_per_s_per_node"] / off["steps_per_s_per_node"],
@@ -278,24 +289,7 @@ def bench_processes(opts: GpuBenchOptions, device: str,
             progress(f"processes: trial {trial + 1}/{opts.trials}, gossip {mode}")
             runs.append({"trial": trial, **run_processes_timed(opts, device, root / f"trial-{trial}-{mode}",
                                                                gossip=gossip)})
-    summary: dict[str, dict[str, Any]] = {}
-    for mode in ("off", "on"):
-        mine = [r for r in runs if r["mode"] == mode]
-        med = statistics.median([t for r in mine for t in r["round_s"]])
-        med_train = statistics.median([t for r in mine for t in r["train_s"]])
-        summary[mode] = {"steps_per_s_per_node": opts.local_steps / med, "round_s_median": med,
-                         "train_steps_per_s_per_node": opts.local_steps / med_train,
-                         "train_s_median": med_train,
-                         "rounds_timed": sum(len(r["round_s"]) for r in mine),
-                         "pulled_per_round": statistics.fmean(r["pulled_per_round"] for r in mine),
-                         "exchange_s_median": statistics.median(r["exchange_s_median"] for r in mine),
-                         "bytes_sent_per_node_round": statistics.fmean(r["bytes_sent_per_node_round"]
-                                                                       for r in mine)}
-    on, off = summary["on"]["steps_per_s_per_node"], summary["off"]["steps_per_s_per_node"]
-    return {"nodes": opts.nodes, "local_steps": opts.local_steps, "fanout": opts.fanout, "task": opts.task,
-            "off": summary["off"], "on": summary["on"], "gossip_cost": 1.0 - on / off,
-            "gossip_cost_train_only": 1.0 - summary["on"]["train_steps_per_s_per_node"]
-            / summary["off"]["train_steps_per_s_per_node"], "runs": runs}
+    return _off_on_result(opts, runs, extra=("exchange_s_median",))
 
 
 # -- 2. codecs, 3. rules --------------------------------------------------------------------------------

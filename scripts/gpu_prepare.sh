@@ -5,9 +5,9 @@
 # The GPU machine (this workplace's 'cuda' image) has python3 3.12 with a CUDA torch, numpy, msgpack,
 # scipy, uvloop, PyYAML, sortedcontainers and protobuf, but not hivemind (with its libp2p daemon) and
 # its other needs, cryptography, base58 or aiomqtt, and no Fashion-MNIST. This fetches their cp312
-# manylinux wheels at the versions constraints.txt pins (building the two that PyPI has only as
-# sources, both pure Python; msgpack and protobuf too, used only where the image's are missing or too
-# old), about 20 MB, and writes the first 24,000 training and 2,000 test images of Fashion-MNIST as
+# manylinux wheels at the versions constraints.txt pins (building the three that PyPI has only as
+# sources, all pure Python; msgpack and protobuf too, used only where the image's are missing or too
+# old), 25 wheels and about 21 MB, and writes the first 24,000 training and 2,000 test images of Fashion-MNIST as
 # IDX files (about 11 MB; the bench measures speed, not accuracy). Idempotent.
 set -euo pipefail
 

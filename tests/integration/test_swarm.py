@@ -285,7 +285,10 @@ def test_bench_gpu_processes_section_times_real_daemons_off_and_on(tmp_path: Pat
         figures = pr[mode]
         assert figures["rounds_timed"] == 2 * 3, "each node's rounds 3..5 (warm-up and last round left out)"
         assert figures["steps_per_s_per_node"] > 0
-        assert figures["train_steps_per_s_per_node"] >= figures["steps_per_s_per_node"], figures
+        assert figures["train_steps_per_s_per_node"] > 0
+    # without overlap a round holds its training call, so training alone is at least as fast; with
+    # --overlap the call starts inside the previous round and may outlast one round's gap
+    assert pr["off"]["train_steps_per_s_per_node"] >= pr["off"]["steps_per_s_per_node"], pr["off"]
     assert pr["off"]["pulled_per_round"] == 0
     assert pr["off"]["bytes_sent_per_node_round"] == 0, "gossip off sends no model"
     assert pr["on"]["pulled_per_round"] == 1, "gossip on pulls from its one peer every round"

@@ -231,7 +231,8 @@ def add_gpu_bench(which: Any) -> None:
                         f"r+1 starts when every node has finished round r (default {g.schedule})")
     p.add_argument("--sections", type=_csv(str), default=g.sections,
                    help="what to run, among throughput, processes (the throughput pair with one daemon "
-                        "process per node: libp2p on loopback), codecs, rules (default "
+                        "process per node: libp2p on loopback), processes-train (the same with each "
+                        "daemon's training in a child process: --train-process), codecs, rules (default "
                         + ",".join(g.sections) + ")")
     p.add_argument("--json", type=Path, default=g.json_path, help=f"results file (default {g.json_path})")
 

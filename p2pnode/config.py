@@ -352,6 +352,9 @@ class NodeConfig:
     threads: int = _doc("torch CPU threads (0 = torch default)", 0)
     worker_nice: int = _doc("Linux niceness added to the worker threads that train, evaluate and merge, so "
                             "the event loop that answers peers gets the CPU first (0 = off)", 10)
+    train_process: bool = _doc("train in a child process with its own interpreter lock, so the exchange's "
+                               "Python work does not stall training (launch-bound GPU steps); --mode gossip, "
+                               "honest nodes", False)
     task: TaskConfig = field(default_factory=TaskConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
@@ -365,9 +368,12 @@ class NodeConfig:
         _require(bool(_DEVICE_RE.match(self.device)), "device", self.device, "auto | cpu | cuda | cuda:N")
         _require(self.threads >= 0, "threads", self.threads, "integer >= 0")
         _require(0 <= self.worker_nice <= 19, "worker_nice", self.worker_nice, "integer in [0, 19]")
+        if self.train_process:
+            _require(self.gossip.mode == "gossip" and not self.attack.name, "train_process", True,
+                     "false with --mode spsa | increments or an --attack (they reach into the trainer)")
 
 
-TOP_LEVEL = ("device", "seed", "threads", "worker_nice")  # NodeConfig's own scalar fields
+TOP_LEVEL = ("device", "seed", "threads", "worker_nice", "train_process")  # NodeConfig's own scalar fields
 SECTIONS: dict[str, type] = {
     "task": TaskConfig,
     "network": NetworkConfig,

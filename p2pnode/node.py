@@ -679,7 +679,18 @@ class NodeRuntime:
         identity = load_or_create_identity(Path(key_path))
         require_identity_pow(identity, net.identity_pow_bits)
         task = make_task(cfg.task.name, cfg.task.data_dir)
-        trainer = await asyncio.to_thread(_build_trainer, cfg, task)
+        trainer: Any
+        if cfg.train_process:  # started on the main thread: the child dies with the thread that started it
+            from p2pnode.train_process import TrainerProcess
+
+            trainer = TrainerProcess(cfg, task.build_model(cfg.seed))
+            try:
+                await asyncio.to_thread(trainer.wait_ready)
+            except BaseException:
+                trainer.close()
+                raise
+        else:
+            trainer = await asyncio.to_thread(_build_trainer, cfg, task)
         # On this (the main) thread, not a worker: the DHT's forked child is told to die with the thread
         # that forked it (see p2pnode.proc.die_with_parent), so a SIGKILLed node leaves no orphan DHT
         # process behind.
@@ -723,6 +734,8 @@ class NodeRuntime:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(p2p.shutdown(), cfg.timeouts.shutdown)
             await asyncio.to_thread(dht.shutdown)
+            if cfg.train_process:
+                await asyncio.to_thread(trainer.close)
 
     async def _supervise(self, node: Node, maddrs: list[str]) -> int:
         """Run heartbeat and rounds in one TaskGroup; stop both on a signal or after the linger."""

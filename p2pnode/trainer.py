@@ -16,6 +16,7 @@ import copy
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -216,10 +217,12 @@ class LocalTrainer:
         """Length of the flat model vector."""
         return self._num_params
 
-    def train_steps(self, n: int) -> float:
+    def train_steps(self, n: int, between: Callable[[], None] | None = None) -> float:
         """Run ``n`` SGD steps and return their mean cross-entropy loss.
 
-        The lock is taken for each step, so readers and writers of the vector interleave.
+        The lock is taken for each step, so readers and writers of the vector interleave. ``between`` is
+        called after each step, outside the lock (a training process serves its parent's requests there,
+        see :mod:`p2pnode.train_process`).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -238,6 +241,8 @@ class LocalTrainer:
                 self.optimizer.step()
                 self.steps_done += 1
             total += loss.detach()
+            if between is not None:
+                between()
         return float(total.item()) / n
 
     def _next_batch(self) -> torch.Tensor:

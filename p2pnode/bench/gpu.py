@@ -27,6 +27,9 @@
    rounds - 1``, pooled over nodes and trials; train-only from the rows' ``train_s`` (the wall time of
    the ``local_training`` call whose model the round sent). Per-round evaluation is off
    (``--eval-every`` past the last round).
+1c. **The same with each daemon's training in a child process** (section ``processes-train``: the daemons
+   run with ``--train-process``, see :mod:`p2pnode.train_process`), so the exchange's Python work and the
+   training loop hold different interpreter locks.
 2. **Codecs on the device**: :func:`protocols.codecs.bench.bench_codecs` with ``device``: encode of
    a ``numel``-element fp32 tensor that lives there (to host bytes) and decode onto it, GB/s of fp32
    input (median of ``repeats`` after a warm-up, synchronised), with ``x.clone()`` there as reference.
@@ -65,7 +68,7 @@ from p2pnode.transport import Transport
 logger = logging.getLogger(__name__)
 
 RESNET50_NUMEL = 25_557_032
-SECTIONS = ("throughput", "processes", "codecs", "rules")
+SECTIONS = ("throughput", "processes", "processes-train", "codecs", "rules")
 CODECS = ("dense", "fp16", "bf16", "int8", "topk:0.01", "topk:0.001", "powersgd:2", "terngrad")
 TIMED = ("throughput: steps/s per node = local_steps / median round wall time (schedule free: each "
          "node's rounds, end to end, every node running its own loop; lockstep: all nodes' run_round, "
@@ -237,7 +240,8 @@ def _off_on_result(opts: GpuBenchOptions, runs: list[dict[str, Any]],
 
 
 # -- 1b. the same, one OS process per node -----------------------------------------------------------------
-def run_processes_timed(opts: GpuBenchOptions, device: str, out: Path, *, gossip: bool) -> dict[str, Any]:
+def run_processes_timed(opts: GpuBenchOptions, device: str, out: Path, *, gossip: bool,
+                        train_process: bool = False) -> dict[str, Any]:
     """One swarm of daemon processes with gossip off or on; the gaps between each node's round rows."""
     from p2pnode.swarm import Swarm, SwarmOptions
 
@@ -245,6 +249,8 @@ def run_processes_timed(opts: GpuBenchOptions, device: str, out: Path, *, gossip
              "--batch-size", str(opts.batch_size)]
     if gossip:
         extra.append("--overlap")
+    if train_process:
+        extra.append("--train-process")
     if opts.data_dir is not None:
         extra += ["--data-dir", str(Path(opts.data_dir).resolve())]
     run = SwarmOptions(nodes=opts.nodes, rounds=opts.rounds, task=opts.task, seed=opts.seed, device=device,
@@ -272,24 +278,32 @@ def run_processes_timed(opts: GpuBenchOptions, device: str, out: Path, *, gossip
         exchange_s += [ends[r]["exchange_s"] for r in range(w + 1, last)]
         train_s += [ends[r]["train_s"] for r in range(w + 1, last)]
         sent.append((ends[last - 1]["bytes_sent"] - ends[w]["bytes_sent"]) / (last - 1 - w))
-    return {"mode": "on" if gossip else "off", "fanout": run.fanout, "overlap": gossip, "round_s": round_s,
+    return {"mode": "on" if gossip else "off", "fanout": run.fanout, "overlap": gossip,
+            "train_process": train_process, "round_s": round_s,
             "train_s": train_s, "pulled_per_round": statistics.fmean(pulled),
             "exchange_s_median": statistics.median(exchange_s),
             "bytes_sent_per_node_round": statistics.fmean(sent), "out": str(out)}
 
 
-def bench_processes(opts: GpuBenchOptions, device: str,
-                    progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+def bench_processes(opts: GpuBenchOptions, device: str, progress: Callable[[str], None] = lambda msg: None,
+                    *, train_process: bool = False) -> dict[str, Any]:
     """Alternate gossip-off and gossip-on swarms of daemon processes; medians per mode and the cost."""
-    root = Path(tempfile.mkdtemp(prefix="p2pnode-bench-gpu-processes-"))
+    name = "processes-train" if train_process else "processes"
+    root = Path(tempfile.mkdtemp(prefix=f"p2pnode-bench-gpu-{name}-"))
     runs: list[dict[str, Any]] = []
     for trial in range(opts.trials):
         for gossip in (False, True):
             mode = "on" if gossip else "off"
-            progress(f"processes: trial {trial + 1}/{opts.trials}, gossip {mode}")
+            progress(f"{name}: trial {trial + 1}/{opts.trials}, gossip {mode}")
             runs.append({"trial": trial, **run_processes_timed(opts, device, root / f"trial-{trial}-{mode}",
-                                                               gossip=gossip)})
-    return _off_on_result(opts, runs, extra=("exchange_s_median",))
+                                                               gossip=gossip, train_process=train_process)})
+    return {"train_process": train_process, **_off_on_result(opts, runs, extra=("exchange_s_median",))}
+
+
+def bench_processes_train(opts: GpuBenchOptions, device: str,
+                          progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    """:func:`bench_processes` with every daemon's training in a child process (``--train-process``)."""
+    return bench_processes(opts, device, progress, train_process=True)
 
 
 # -- 2. codecs, 3. rules --------------------------------------------------------------------------------
@@ -355,7 +369,8 @@ def run_gpu_bench(opts: GpuBenchOptions,
         "device": device, "machine": machine_info(), "timed": TIMED, "errors": {}, "wall_s": {},
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}}
     sections: dict[str, Callable[..., dict[str, Any]]] = {
-        "throughput": bench_throughput, "processes": bench_processes, "codecs": bench_codecs_on,
+        "throughput": bench_throughput, "processes": bench_processes,
+        "processes-train": bench_processes_train, "codecs": bench_codecs_on,
         "rules": bench_rules_on}
     for name, section in sections.items():
         if name not in opts.sections:
@@ -393,10 +408,13 @@ def format_report(data: dict[str, Any]) -> str:
         verdict = "meets" if tp["gossip_cost"] <= 0.05 else "misses"
         lines += [f"gossip cost = 1 - on/off = {100 * tp['gossip_cost']:.1f}% of local step throughput "
                   f"({verdict} <= 5%); train-only: {100 * tp['gossip_cost_train_only']:.1f}%", ""]
-    pr = data.get("processes")
-    if pr:
-        lines += [f"Local step throughput: {pr['nodes']} daemon processes on one device, {pr['task']}, "
-                  f"H = {pr['local_steps']}, batch {data['options']['batch_size']}",
+    for section in ("processes", "processes-train"):
+        pr = data.get(section)
+        if not pr:
+            continue
+        where = "training in a child process of each" if pr.get("train_process") else "training in-thread"
+        lines += [f"Local step throughput: {pr['nodes']} daemon processes on one device ({where}), "
+                  f"{pr['task']}, H = {pr['local_steps']}, batch {data['options']['batch_size']}",
                   "| gossip | steps/s per node (round wall time) | train-only steps/s | median round s | "
                   "exchanges per round | median exchange s | MB sent per node per round |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
@@ -409,6 +427,11 @@ def format_report(data: dict[str, Any]) -> str:
         verdict = "meets" if pr["gossip_cost"] <= 0.05 else "misses"
         lines += [f"gossip cost = 1 - on/off = {100 * pr['gossip_cost']:.1f}% of local step throughput "
                   f"({verdict} <= 5%); train-only: {100 * pr['gossip_cost_train_only']:.1f}%", ""]
+    thread, child = data.get("processes"), data.get("processes-train")
+    if thread and child:
+        ratios = [child[k]["steps_per_s_per_node"] / thread[k]["steps_per_s_per_node"] for k in ("off", "on")]
+        lines += [f"steps/s per node, training in a child process / in-thread: gossip off {ratios[0]:.2f}x, "
+                  f"gossip on {ratios[1]:.2f}x", ""]
     cd = data.get("codecs")
     if cd:
         lines += [f"Codecs on {cd['device']}, {cd['layout']} ({cd['numel']:,} fp32), median of "

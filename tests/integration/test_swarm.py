@@ -295,3 +295,52 @@ def test_bench_gpu_processes_section_times_real_daemons_off_and_on(tmp_path: Pat
     assert pr["on"]["bytes_sent_per_node_round"] >= DIGITS_MODEL_BYTES, "and pushes the whole model"
     ratio = pr["on"]["steps_per_s_per_node"] / pr["off"]["steps_per_s_per_node"]
     assert pr["gossip_cost"] == pytest.approx(1 - ratio)
+
+
+def _train_children(pid: int) -> list[int]:
+    """The ``--train-process`` children of daemon ``pid``."""
+    found = []
+    for kid in _children(pid):
+        try:
+            cmdline = Path(f"/proc/{kid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"p2pnode.train_process" in cmdline:
+            found.append(kid)
+    return found
+
+
+@pytest.mark.timeout(300)
+def test_a_train_process_swarm_learns_and_its_children_die_with_their_daemons(tmp_path: Path) -> None:
+    """--train-process --overlap: training in a child of each daemon; a SIGKILLed daemon's child goes too."""
+    opts = SwarmOptions(nodes=4, rounds=300, task="digits", out=tmp_path / "run", linger_s=5.0,
+                        extra_args=["--unreachable-s", "30", "--train-process", "--overlap"])
+    with Swarm(opts) as swarm:
+        swarm.start()
+        deadline = time.monotonic() + 120
+        while swarm.poll_progress()[3].round < 5:
+            assert time.monotonic() < deadline, "node 3 never reached round 5"
+            time.sleep(0.1)
+        trainers = {i: _train_children(p.pid) for i, p in enumerate(swarm.processes)}
+        assert all(len(kids) == 1 for kids in trainers.values()), trainers
+        victim = swarm.processes[3]
+        os.kill(victim.pid, signal.SIGKILL)
+        swarm.wait_finished(timeout=200)
+        progress = swarm.poll_progress()
+        rows = [_read_metrics(swarm.node_paths(i).metrics) for i in range(3)]
+
+    assert victim.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 10  # SIGTERM by the kernel when the daemon's main thread died
+    while _alive(trainers[3][0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(trainers[3][0]), "the killed daemon left its training process running"
+    for i, p in enumerate(progress[:3]):
+        assert p.finished, p
+        assert p.round == 300, p
+        assert p.test_accuracy is not None, p
+        assert p.test_accuracy >= 0.85, p
+        assert not _alive(trainers[i][0]), "a daemon that finished left its training process running"
+        rounds = [r for r in rows[i] if r["event"] == "round"]
+        assert sum(r["pulled"] for r in rounds) >= 250, "the node exchanged in most rounds"
+        final = [r for r in rows[i] if r["event"] == "final"][-1]
+        assert final["messages_rejected"] == 0, final

@@ -1,0 +1,174 @@
+"""TrainerProcess: the LocalTrainer interface served by a child process (``--train-process``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from p2pnode.config import NodeConfig, OutputConfig, TaskConfig, config_from_dict
+from p2pnode.errors import ConfigError, TaskError
+from p2pnode.node import _build_trainer
+from p2pnode.tasks import make_task
+from p2pnode.train_process import TrainerProcess, TrainProcessError, _config_layout, main
+
+CFG = NodeConfig(device="cpu", threads=1, seed=3, task=TaskConfig(name="digits", shard=1, num_shards=4))
+
+
+def _start(cfg: NodeConfig = CFG) -> TrainerProcess:
+    return TrainerProcess(cfg, make_task(cfg.task.name, None).build_model(cfg.seed))
+
+
+@pytest.fixture(scope="module")
+def child() -> Iterator[TrainerProcess]:
+    trainer = _start()
+    trainer.wait_ready()
+    yield trainer
+    trainer.close()
+
+
+def test_the_child_trains_exactly_as_the_in_thread_trainer_does(child: TrainerProcess) -> None:
+    torch.set_num_threads(1)
+    local = _build_trainer(CFG)
+    child.load_state_dict(local.state_dict())  # the module's child may have trained in another test
+    assert child.num_params == local.num_params
+    assert child.num_classes == local.num_classes == 10
+    assert torch.equal(child.class_counts, local.class_counts)
+    assert torch.equal(child.get_flat(), local.get_flat())
+
+    assert child.train_steps(15) == local.train_steps(15)
+    delta = torch.randn(local.num_params, generator=torch.Generator().manual_seed(1)) * 0.01
+    child.add_flat_(delta)
+    local.add_flat_(delta)
+    assert torch.equal(child.get_flat(), local.get_flat())
+    assert child.evaluate(300) == local.evaluate(300)
+    assert child.steps_done == local.steps_done == 15
+
+    snapshot = child.state_dict()
+    child.train_steps(7)  # moves the model, the momentum, the sampler
+    child.load_state_dict(snapshot)
+    assert child.train_steps(5) == local.train_steps(5)
+    assert torch.equal(child.get_flat(), local.get_flat())
+
+    child.reset_momentum()
+    local.reset_momentum()
+    flat = local.get_flat() * 0.5
+    child.set_flat_(flat)
+    local.set_flat_(flat)
+    assert child.train_steps(3) == local.train_steps(3)
+    assert torch.equal(child.get_flat(), local.get_flat())
+
+
+def test_a_failed_request_raises_its_error_here_and_the_child_keeps_serving(child: TrainerProcess) -> None:
+    with pytest.raises(ValueError, match="model needs"):
+        child.set_flat_(torch.zeros(3))
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        child.train_steps(0)
+    with pytest.raises(ValueError, match="between-steps"):
+        child.train_steps(1, between=lambda: None)
+    with pytest.raises(ValueError, match="validation split"):
+        child.class_f1(child.get_flat())  # built without val_fraction: Bristle is not configured
+    assert child.get_flat().shape == (child.num_params,)
+
+
+def test_requests_are_answered_between_training_steps() -> None:
+    trainer = _start()
+    trainer.wait_ready()
+    try:
+        before = trainer.get_flat()
+        done = threading.Event()
+        raised: list[BaseException] = []
+
+        def train() -> None:
+            try:
+                trainer.train_steps(200_000)
+                done.set()
+            except TrainProcessError as exc:
+                raised.append(exc)
+
+        worker = threading.Thread(target=train, daemon=True)
+        worker.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        during = trainer.get_flat()
+        trainer.add_flat_(torch.zeros(trainer.num_params))
+        answered_s = time.monotonic() - t0
+        assert not done.is_set(), "200,000 steps cannot be over yet"
+        assert answered_s < 5.0, f"requests waited {answered_s:.1f} s for a training call to end"
+        assert not torch.equal(before, during), "the model read mid-call shows the steps done so far"
+    finally:
+        trainer.close()  # mid-call: the child stops between two steps and exits
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert not done.is_set(), "the interrupted call raises instead of returning a loss"
+    assert len(raised) == 1
+    assert trainer._process.returncode == 0
+
+
+def test_closing_ends_the_child() -> None:
+    trainer = _start()
+    trainer.wait_ready()
+    pid = trainer.pid
+    assert pid is not None
+    assert os.path.exists(f"/proc/{pid}")
+    trainer.close()
+    assert trainer._process.returncode == 0
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_a_dead_child_is_an_error_not_a_hang() -> None:
+    trainer = _start()
+    trainer.wait_ready()
+    assert trainer.pid is not None
+    os.kill(trainer.pid, signal.SIGKILL)  # the child this test started, by its pid
+    trainer._process.wait(timeout=10)
+    try:
+        with pytest.raises(TrainProcessError, match="died|closed its pipe"):
+            trainer.get_flat()
+        with pytest.raises(TrainProcessError, match="died|closed its pipe"):
+            trainer.train_steps(1)
+    finally:
+        trainer.close()
+
+
+def test_a_trainer_that_cannot_be_built_raises_its_error_at_wait_ready() -> None:
+    # 2,000 shards of digits' 1,437 training images: shard 1,999 is empty
+    cfg = NodeConfig(device="cpu", threads=1, task=TaskConfig(name="digits", shard=1999, num_shards=2000))
+    with pytest.raises(TaskError, match="empty"):
+        _build_trainer(cfg)
+    trainer = _start(cfg)
+    try:
+        with pytest.raises(TaskError, match="empty"):
+            trainer.wait_ready()
+    finally:
+        trainer.close()
+    assert trainer._process.returncode == 0
+
+
+def test_the_config_reaches_the_child_unchanged() -> None:
+    cfg = NodeConfig(device="cpu", seed=7, threads=2, train_process=True,
+                     task=TaskConfig(name="digits", partition="dirichlet:0.5", shard=2, num_shards=5,
+                                     lr=0.01),
+                     output=OutputConfig(metrics_file="/tmp/m.jsonl"))
+    assert config_from_dict(_config_layout(cfg)) == cfg
+
+
+def test_train_process_is_refused_where_the_node_reaches_into_the_trainer() -> None:
+    from p2pnode.config import AttackConfig, GossipConfig
+
+    for kwargs in ({"gossip": GossipConfig(mode="spsa")}, {"gossip": GossipConfig(mode="increments")},
+                   {"attack": AttackConfig(name="sign-flip")}):
+        with pytest.raises(ConfigError, match="train_process"):
+            NodeConfig(train_process=True, **kwargs)  # type: ignore[arg-type]
+    assert NodeConfig(train_process=True).train_process
+
+
+def test_the_child_entry_point_refuses_to_be_run_by_hand(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert main(["x", "y"]) == 2
+    assert "started by the node" in capsys.readouterr().err

@@ -13,11 +13,13 @@ The child owns the model, its optimizer and the shard, built exactly as the in-t
 ``train_steps`` calls only, the other every other request. While it trains, the child serves the second
 pipe between two steps, so a merge lands mid-training as it does with the in-thread trainer's per-step lock.
 
-Messages on the pipes are ``torch.save`` archives read back with ``torch.load(weights_only=True)``: tensors,
-numbers, strings and containers of them, no pickled objects; the first one gives the child the node's
-configuration (as the TOML layout). The child is ``python -m p2pnode.train_process`` started with the two
-socket ends: a fresh interpreter (no fork of a process with an event loop, threads and CUDA), and, unlike
-:mod:`multiprocessing`'s spawn, one that never re-runs the parent's ``__main__``.
+Messages on the pipes are msgpack, or ``torch.save`` archives read back with
+``torch.load(weights_only=True)`` where they hold tensors; flat model vectors follow a message as raw bytes.
+No pickled objects. The first message gives the child the node's configuration (as the TOML layout).
+
+The child is ``python -m p2pnode.train_process`` started with the two socket ends: a fresh interpreter (no
+fork of a process with an event loop, threads and CUDA) that, unlike :mod:`multiprocessing`'s spawn, never
+re-runs the parent's ``__main__``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import torch
 from torch import nn
 
@@ -57,14 +60,34 @@ class _Closed(Exception):
     """Raised inside the child's training loop when the parent asked it to stop."""
 
 
+def _has_tensor(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, tuple | list):
+        return any(_has_tensor(x) for x in obj)
+    if isinstance(obj, dict):
+        return any(_has_tensor(x) for x in obj.values())
+    return False
+
+
 def _pack(obj: Any) -> bytes:
+    """msgpack for plain data (most messages: a few µs), a ``torch.save`` archive when it holds tensors."""
+    if not _has_tensor(obj):
+        try:
+            return b"M" + msgpack.packb(obj)
+        except (TypeError, ValueError, OverflowError):  # e.g. a non-string key: torch.save takes it
+            pass
     buf = io.BytesIO()
     torch.save(obj, buf, _use_new_zipfile_serialization=False)  # the zip format is 10x slower to write
-    return buf.getvalue()
+    return b"T" + buf.getvalue()
 
 
 def _unpack(data: bytes) -> Any:
-    return torch.load(io.BytesIO(data), weights_only=True)
+    if data[:1] == b"M":
+        return msgpack.unpackb(data[1:], strict_map_key=False)
+    if data[:1] == b"T":
+        return torch.load(io.BytesIO(data[1:]), weights_only=True)
+    raise ValueError(f"unknown message format {data[:1]!r}")
 
 
 _FLAT = "__flat__"  # a message's place holder for a flat vector that follows as raw bytes
@@ -86,11 +109,11 @@ def _send(conn: Connection, message: tuple[Any, ...]) -> None:
 
 def _receive_message(conn: Connection) -> tuple[Any, ...]:
     header = _unpack(conn.recv_bytes())
-    if not isinstance(header, tuple):
+    if not isinstance(header, tuple | list):
         raise TypeError(f"expected a tuple, got {type(header).__name__}")
     parts = []
     for x in header:
-        if isinstance(x, tuple) and len(x) == 2 and x[0] == _FLAT:
+        if isinstance(x, tuple | list) and len(x) == 2 and x[0] == _FLAT:
             raw = conn.recv_bytes()
             if len(raw) != 4 * x[1]:
                 raise ValueError(f"flat vector of {len(raw)} bytes, header said {x[1]} floats")
@@ -178,13 +201,13 @@ def _serve(train_conn: Connection, control_conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent shuts us down
     try:
         (layout,) = _receive_message(control_conn)
-        config = config_from_dict(layout)
     except EOFError:
         return
-    limit_threads(config.threads)
-    if config.worker_nice:
-        lower_thread_priority(config.worker_nice)
     try:
+        config = config_from_dict(layout)
+        limit_threads(config.threads)
+        if config.worker_nice:
+            lower_thread_priority(config.worker_nice)
         trainer = _build_trainer(config)
     except Exception as exc:
         _send(control_conn, _error_reply(exc))

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +173,70 @@ def test_the_child_entry_point_refuses_to_be_run_by_hand(capsys: pytest.CaptureF
     assert main([]) == 2
     assert main(["x", "y"]) == 2
     assert "started by the node" in capsys.readouterr().err
+
+
+def test_a_node_trains_merges_checkpoints_and_resumes_through_a_training_process(tmp_path: Path) -> None:
+    """The gossip Node's own round logic with a TrainerProcess: exchange, merge, checkpoint, resume."""
+    import asyncio
+
+    from defenses import make_aggregator
+    from p2pnode.checkpoint import load_checkpoint
+    from p2pnode.identity import Identity
+    from p2pnode.node import Node, resume_from_checkpoint
+    from p2pnode.operate import Operations
+    from p2pnode.outputs import MetricsWriter
+    from p2pnode.transport import MemoryNetwork, MemoryTransport
+    from tests.unit.test_node import StaticView, _node, _record
+
+    cfg = NodeConfig(device="cpu", threads=1, train_process=True,
+                     task=TaskConfig(name="digits", shard=0, num_shards=2, local_steps=5))
+    cfg.network.swarm = "t"
+    cfg.gossip.fanout, cfg.gossip.overlap, cfg.gossip.rounds = 1, True, 4
+    cfg.ops.checkpoint_dir = str(tmp_path / "ckpt")
+    identity = Identity.generate()
+
+    def build(network: MemoryNetwork) -> tuple[Node, TrainerProcess]:
+        trainer = _start(cfg)
+        trainer.wait_ready()
+        node = Node(cfg, identity, trainer, MemoryTransport(network, identity.peer_id), StaticView([]),
+                    make_aggregator("mean"))
+        return node, trainer
+
+    async def scenario() -> None:
+        network = MemoryNetwork()
+        a, trainer = build(network)
+        b = _node(network, 1)
+        a.membership.peers.append(_record(b.identity.peer_id))  # type: ignore[attr-defined]
+        b.membership.peers.append(_record(a.identity.peer_id))  # type: ignore[attr-defined]
+        try:
+            for n in (a, b):
+                await n.transport.start(n.serve)
+            initial = trainer.get_flat()
+            rows: list[dict] = []  # type: ignore[type-arg]
+            await a.run_rounds(MetricsWriter(None, listeners=[rows.append]))
+            rounds = [r for r in rows if r["event"] == "round"]
+            assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+            assert sum(r["pulled"] for r in rounds) == 4, "one pull from b every round"
+            assert a.messages_rejected == 0
+            assert trainer.steps_done == 4 * 5
+            assert rows[-1]["test_accuracy"] > 0.3, "4 x 5 steps and 4 merges: above chance (0.1)"
+            assert not torch.equal(trainer.get_flat(), initial)
+            assert await Operations(cfg, a, request_stop=lambda: None).checkpoint() is not None
+            saved = trainer.get_flat()
+        finally:
+            trainer.close()
+        state = load_checkpoint(tmp_path / "ckpt")
+        assert state is not None
+        assert state["round"] == 4
+
+        fresh, again = build(MemoryNetwork())  # a restart: same key, a new training process
+        try:
+            assert not torch.equal(again.get_flat(), saved)
+            assert resume_from_checkpoint(cfg, fresh)
+            assert fresh.round == 4
+            assert torch.equal(again.get_flat(), saved)
+            assert again.steps_done == 4 * 5
+        finally:
+            again.close()
+
+    asyncio.run(scenario())

@@ -14,6 +14,8 @@
 # 4. runs the bench with --data-dir .gpu-bench/fashion-mnist, writing $OUT/bench-gpu.json and
 #    $OUT/bench-gpu.log when OUT is set, else runs/bench-gpu.json and runs/bench-gpu.log.
 # P2PNODE_GPU_BENCH=hotpaths runs `p2pnode bench hotpaths --rpc-seconds 0` instead (its CPU parts).
+# P2PNODE_GPU_BENCH=simulate runs `p2pnode simulate --out $DEST/simulate [FLAGS]` instead (e.g.
+# --device cuda --task fashion-mnist --nodes 1000 --rounds 20), writing $DEST/simulate.log too.
 # P2PNODE_GPU_BENCH_ALLOW_CPU=1 accepts a CPU torch too (to check this script where there is no GPU;
 # then pass small sizes, e.g. --device cpu --numel 200000 --rounds 6 --warmup-rounds 1).
 # Exit codes: the bench's (0 all sections ran, 1 a section failed: see "errors" in the JSON); 3 no
@@ -110,6 +112,14 @@ if [ "${P2PNODE_GPU_BENCH:-gpu}" = hotpaths ]; then
         | tee "$DEST/bench-hotpaths.log"
     status=${PIPESTATUS[0]}
     say "exit status $status; results: $DEST/bench-hotpaths.json"
+    exit "$status"
+fi
+if [ "${P2PNODE_GPU_BENCH:-gpu}" = simulate ]; then
+    say "running: p2pnode simulate ${data[*]} $*"
+    "$PY" -m p2pnode simulate --out "$DEST/simulate" --no-progress "${data[@]}" "$@" 2>&1 \
+        | tee "$DEST/simulate.log"
+    status=${PIPESTATUS[0]}
+    say "exit status $status; results: $DEST/simulate/summary.json"
     exit "$status"
 fi
 say "running: p2pnode bench gpu ${data[*]} $*"

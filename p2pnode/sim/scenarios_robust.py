@@ -106,14 +106,19 @@ def sybilwall_cell(cell: dict[str, Any]) -> dict[str, Any]:
 def bristle_config(quick: bool) -> dict[str, Any]:
     if quick:
         return {"nodes": 6, "byzantine": 2, "task": QUICK_TRANSFER_TASK, "rounds": 4, "local_steps": 10,
-                "fanout": 4, "partition": "dirichlet:0.3", "final_eval_samples": 1000}
+                "fanout": 4, "partition": "dirichlet:0.3", "final_eval_samples": 1000, "baselines": []}
+    # the paper compares with Byzantine-resilient rules: these, under attack, at n = 11 inputs per merge
+    # (fanout 10 + own; krum needs n > 2F + 2, so F = 4; trimmed-mean:5 would be the median)
     return {"nodes": 15, "byzantine": 5, "task": "fashion-mnist-transfer", "rounds": 40, "local_steps": 20,
-            "fanout": 10, "partition": "dirichlet:0.3", "final_eval_samples": 10_000}
+            "fanout": 10, "partition": "dirichlet:0.3", "final_eval_samples": 10_000,
+            "baselines": ["median", "trimmed-mean:4", "krum:4", "nna:5"]}
 
 
 def bristle_cells(cfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:
     cells = [{"row": f"{d}, {'no attack' if byz == 0 else f'{byz} label flippers'}", "defense": d,
               "byzantine": byz} for d in ("bristle", "mean") for byz in (0, cfg["byzantine"])]
+    cells += [{"row": f"{d}, {cfg['byzantine']} label flippers", "defense": d, "byzantine": cfg["byzantine"]}
+              for d in cfg.get("baselines", [])]
     return [{**c, "cfg": cfg, "seed": seed} for c in cells]
 
 

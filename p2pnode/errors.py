@@ -9,6 +9,7 @@
   :class:`PeerUnreachable` (could not connect or no answer before the deadline) and
   :class:`MessageRejected` (answered, but what it sent failed validation).
 - :class:`TransportClosed` — *we* closed the transport; not the peer's fault.
+- :class:`TrainProcessError` — ``--train-process``: the node's training process failed.
 
 Errors raised by libraries (hivemind, libp2p daemon, OSError, asyncio timeouts) are translated
 into these in exactly one place per layer (see ``p2pnode.transport.p2p``).
@@ -59,3 +60,8 @@ class MessageRejected(PeerError):
 
 class TransportClosed(P2PNodeError):
     """The local transport was shut down; raised to callers still waiting on it."""
+
+
+class TrainProcessError(P2PNodeError):
+    """``--train-process``: the training process died, or a request there failed with an error that is
+    not re-raised as its own type (see :mod:`p2pnode.train_process`)."""

@@ -36,7 +36,14 @@ import torch
 from defenses import Aggregator, Layer, MergeContext, make_aggregator
 from defenses.bristle import Bristle
 from p2pnode.config import NodeConfig
-from p2pnode.errors import ConfigError, MessageRejected, P2PNodeError, PeerUnreachable, TransportClosed
+from p2pnode.errors import (
+    ConfigError,
+    MessageRejected,
+    P2PNodeError,
+    PeerUnreachable,
+    TrainProcessError,
+    TransportClosed,
+)
 from p2pnode.identity import Identity, load_or_create_identity, require_identity_pow
 from p2pnode.outputs import MetricsWriter, write_json_atomic
 from p2pnode.peerguard import PeerGuard, guard_limits, reason_of
@@ -759,6 +766,8 @@ class NodeRuntime:
                 await ops.checkpoint()  # SIGTERM: keep the progress since the last periodic checkpoint
         finally:
             metrics.close()
+        if outcome.get("error"):
+            return 1
         return 0 if outcome.get("finished") or self.signalled or cfg.gossip.rounds == 0 else 1
 
     async def _work(self, node: Node, maddrs: list[str], ready: asyncio.Event, metrics: MetricsWriter,
@@ -781,6 +790,9 @@ class NodeRuntime:
             logger.error("could not publish a membership record within %.0f s", cfg.timeouts.dht * 3)
         except TransportClosed:
             logger.info("transport closed; stopping")
+        except TrainProcessError as exc:
+            logger.error("%s; stopping", exc)
+            outcome["error"] = True
         finally:
             self.stop.set()
 

@@ -44,16 +44,12 @@ import torch
 from torch import nn
 
 from p2pnode.config import NodeConfig, config_from_dict
-from p2pnode.errors import P2PNodeError, TaskError
+from p2pnode.errors import TaskError, TrainProcessError
 from p2pnode.trainer import LocalTrainer
 
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.5  # how often a caller waiting for a reply checks that the child is still alive
-
-
-class TrainProcessError(P2PNodeError):
-    """The training process failed: it died, or a request raised an error of a kind not re-raised as is."""
 
 
 class _Closed(Exception):
@@ -380,23 +376,26 @@ class TrainerProcess:
             self._send(self._control_conn, (op, *args))
             return self._result(self._receive(self._control_conn))
 
+    def _closed_pipe(self) -> TrainProcessError:
+        self._exited(2.0)  # a child that closed its end is exiting: give it a moment to be reaped
+        return TrainProcessError(f"the training process {self.pid} closed its pipe "
+                                 f"(exit code {self._process.poll()})")
+
     def _send(self, conn: Connection, message: tuple[Any, ...]) -> None:
         try:
             _send(conn, message)
         except OSError as exc:  # a broken pipe: the child is gone
-            raise TrainProcessError(f"the training process {self.pid} closed its pipe "
-                                    f"(exit code {self._process.poll()})") from exc
+            raise self._closed_pipe() from exc
 
     def _receive(self, conn: Connection) -> Any:
-        while not conn.poll(_POLL_S):
-            if self._process.poll() is not None:
-                raise TrainProcessError(f"the training process {self.pid} died "
-                                        f"(exit code {self._process.returncode})")
         try:
+            while not conn.poll(_POLL_S):
+                if self._process.poll() is not None:
+                    raise TrainProcessError(f"the training process {self.pid} died "
+                                            f"(exit code {self._process.returncode})")
             return _receive_message(conn)
-        except EOFError as exc:
-            raise TrainProcessError(f"the training process {self.pid} closed its pipe "
-                                    f"(exit code {self._process.poll()})") from exc
+        except (EOFError, OSError) as exc:  # closed, or reset with our request unread: the child is gone
+            raise self._closed_pipe() from exc
 
     def _result(self, reply: Any) -> Any:
         if reply[0] != "ok":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -344,3 +345,27 @@ def test_a_train_process_swarm_learns_and_its_children_die_with_their_daemons(tm
         assert sum(r["pulled"] for r in rounds) >= 250, "the node exchanged in most rounds"
         final = [r for r in rows[i] if r["event"] == "final"][-1]
         assert final["messages_rejected"] == 0, final
+
+
+@pytest.mark.timeout(120)
+def test_a_daemon_whose_training_process_dies_says_so_and_exits_1(tmp_path: Path) -> None:
+    proc, files = _start_run(tmp_path, "solo", "--rounds", "0", "--train-process")
+    try:
+        _printed_maddr(proc)
+        deadline = time.monotonic() + 30
+        metrics = files / "metrics.jsonl"
+        while not metrics.exists() or not metrics.read_text().strip():  # it has trained a round
+            assert time.monotonic() < deadline, "no round in 30 s"
+            time.sleep(0.1)
+        trainers = _train_children(proc.pid)
+        assert len(trainers) == 1
+        os.kill(trainers[0], signal.SIGKILL)  # the child of the daemon this test started
+        code = proc.wait(timeout=30)
+        assert proc.stdout is not None
+        log = proc.stdout.read()
+    finally:
+        _stop(proc)
+    assert code == 1
+    said = rf"the training process {trainers[0]} (closed its pipe|died) \(exit code -9\); stopping"
+    assert re.search(said, log), log[-3000:]
+    assert "Traceback" not in log, log[-3000:]

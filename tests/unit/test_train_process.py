@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from p2pnode.config import NodeConfig, OutputConfig, TaskConfig, config_from_dict
-from p2pnode.errors import ConfigError, TaskError
+from p2pnode.errors import ConfigError, TaskError, TrainProcessError
 from p2pnode.node import _build_trainer
 from p2pnode.tasks import make_task
-from p2pnode.train_process import TrainerProcess, TrainProcessError, _config_layout, main
+from p2pnode.train_process import TrainerProcess, _config_layout, main
 
 CFG = NodeConfig(device="cpu", threads=1, seed=3, task=TaskConfig(name="digits", shard=1, num_shards=4))
 

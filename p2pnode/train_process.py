@@ -122,6 +122,11 @@ _RERAISED: dict[str, type[Exception]] = {"ValueError": ValueError, "RuntimeError
                                          "TaskError": TaskError}
 
 
+# the LocalTrainer methods a parent may call on the control pipe
+_METHODS = frozenset({"get_flat", "set_flat_", "add_flat_", "reset_momentum", "evaluate", "class_f1",
+                      "state_dict", "load_state_dict"})
+
+
 def _error_reply(exc: BaseException) -> tuple[str, str, str]:
     return ("error", type(exc).__name__, str(exc))
 
@@ -143,7 +148,7 @@ class _Server:
     def serve_one(self) -> None:
         try:
             op, *args = _receive_message(self.conn)
-        except EOFError:  # the parent is gone
+        except (EOFError, OSError):  # the parent is gone
             self.closed = True
             return
         if op == "close":
@@ -157,26 +162,11 @@ class _Server:
         _send(self.conn, reply)
 
     def handle(self, op: str, args: list[Any]) -> Any:
-        t = self.trainer
-        if op == "get_flat":
-            return t.get_flat()
-        if op == "set_flat_":
-            return t.set_flat_(args[0])
-        if op == "add_flat_":
-            return t.add_flat_(args[0])
-        if op == "reset_momentum":
-            return t.reset_momentum()
-        if op == "evaluate":
-            return t.evaluate(args[0])
-        if op == "class_f1":
-            return t.class_f1(args[0])
-        if op == "state_dict":
-            return t.state_dict()
-        if op == "load_state_dict":
-            return t.load_state_dict(args[0])
         if op == "steps_done":
-            return t.steps_done
-        raise ValueError(f"unknown request {op!r}")
+            return self.trainer.steps_done
+        if op not in _METHODS:
+            raise ValueError(f"unknown request {op!r}")
+        return getattr(self.trainer, op)(*args)
 
 
 def _config_layout(config: NodeConfig) -> dict[str, Any]:

@@ -74,6 +74,9 @@ def test_a_failed_request_raises_its_error_here_and_the_child_keeps_serving(chil
         child.train_steps(1, between=lambda: None)
     with pytest.raises(ValueError, match="validation split"):
         child.class_f1(child.get_flat())  # built without val_fraction: Bristle is not configured
+    for op in ("train_steps", "__init__", "bogus"):  # training has its own pipe; nothing else is served
+        with pytest.raises(ValueError, match="unknown request"):
+            child._call(op, 1)
     assert child.get_flat().shape == (child.num_params,)
 
 

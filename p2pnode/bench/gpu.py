@@ -29,7 +29,8 @@
    (``--eval-every`` past the last round).
 1c. **The same with each daemon's training in a child process** (section ``processes-train``: the daemons
    run with ``--train-process``, see :mod:`p2pnode.train_process`), so the exchange's Python work and the
-   training loop hold different interpreter locks.
+   training loop hold different interpreter locks. With both sections, each trial runs in-thread then
+   child-process training (each gossip off, then on), so the two are compared side by side.
 2. **Codecs on the device**: :func:`protocols.codecs.bench.bench_codecs` with ``device``: encode of
    a ``numel``-element fp32 tensor that lives there (to host bytes) and decode onto it, GB/s of fp32
    input (median of ``repeats`` after a warm-up, synchronised), with ``x.clone()`` there as reference.
@@ -285,25 +286,48 @@ def run_processes_timed(opts: GpuBenchOptions, device: str, out: Path, *, gossip
             "bytes_sent_per_node_round": statistics.fmean(sent), "out": str(out)}
 
 
+def _process_trials(opts: GpuBenchOptions, device: str, progress: Callable[[str], None],
+                    kinds: tuple[bool, ...]) -> list[dict[str, Any]]:
+    """Per trial, per kind of training (``--train-process`` off / on), a gossip-off then a gossip-on swarm."""
+    root = Path(tempfile.mkdtemp(prefix="p2pnode-bench-gpu-processes-"))
+    runs: list[dict[str, Any]] = []
+    for trial in range(opts.trials):
+        for train_process in kinds:
+            name = "processes-train" if train_process else "processes"
+            for gossip in (False, True):
+                mode = "on" if gossip else "off"
+                progress(f"{name}: trial {trial + 1}/{opts.trials}, gossip {mode}")
+                out = root / f"trial-{trial}-{name}-{mode}"
+                runs.append({"trial": trial, **run_processes_timed(opts, device, out, gossip=gossip,
+                                                                   train_process=train_process)})
+    return runs
+
+
+def _processes_result(opts: GpuBenchOptions, runs: list[dict[str, Any]],
+                      train_process: bool) -> dict[str, Any]:
+    mine = [r for r in runs if r["train_process"] == train_process]
+    return {"train_process": train_process, **_off_on_result(opts, mine, extra=("exchange_s_median",))}
+
+
 def bench_processes(opts: GpuBenchOptions, device: str, progress: Callable[[str], None] = lambda msg: None,
                     *, train_process: bool = False) -> dict[str, Any]:
     """Alternate gossip-off and gossip-on swarms of daemon processes; medians per mode and the cost."""
-    name = "processes-train" if train_process else "processes"
-    root = Path(tempfile.mkdtemp(prefix=f"p2pnode-bench-gpu-{name}-"))
-    runs: list[dict[str, Any]] = []
-    for trial in range(opts.trials):
-        for gossip in (False, True):
-            mode = "on" if gossip else "off"
-            progress(f"{name}: trial {trial + 1}/{opts.trials}, gossip {mode}")
-            runs.append({"trial": trial, **run_processes_timed(opts, device, root / f"trial-{trial}-{mode}",
-                                                               gossip=gossip, train_process=train_process)})
-    return {"train_process": train_process, **_off_on_result(opts, runs, extra=("exchange_s_median",))}
+    return _processes_result(opts, _process_trials(opts, device, progress, (train_process,)), train_process)
 
 
 def bench_processes_train(opts: GpuBenchOptions, device: str,
                           progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """:func:`bench_processes` with every daemon's training in a child process (``--train-process``)."""
     return bench_processes(opts, device, progress, train_process=True)
+
+
+def bench_processes_pair(opts: GpuBenchOptions, device: str,
+                         progress: Callable[[str], None] = lambda msg: None,
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both process sections side by side: each trial runs in-thread then child-process training, each
+    gossip off then on, so drift over the run hits both kinds alike."""
+    runs = _process_trials(opts, device, progress, (False, True))
+    return _processes_result(opts, runs, False), _processes_result(opts, runs, True)
 
 
 # -- 2. codecs, 3. rules --------------------------------------------------------------------------------
@@ -373,11 +397,14 @@ def run_gpu_bench(opts: GpuBenchOptions,
         "processes-train": bench_processes_train, "codecs": bench_codecs_on,
         "rules": bench_rules_on}
     for name, section in sections.items():
-        if name not in opts.sections:
+        if name not in opts.sections or name in data:  # processes-train may have run beside processes
             continue
         start = time.perf_counter()
         try:
-            data[name] = section(opts, device, progress)
+            if name == "processes" and "processes-train" in opts.sections:
+                data["processes"], data["processes-train"] = bench_processes_pair(opts, device, progress)
+            else:
+                data[name] = section(opts, device, progress)
         except Exception as exc:  # one broken section must not lose the others' figures: recorded, logged
             logger.error("section %s failed: %s", name, exc)
             data["errors"][name] = "".join(traceback.format_exception_only(exc)).strip()

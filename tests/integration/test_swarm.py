@@ -270,18 +270,28 @@ def test_sybilwall_across_real_processes_gossips_records_and_distrusts_the_sybil
 
 @pytest.mark.timeout(240)
 def test_bench_gpu_processes_section_times_real_daemons_off_and_on(tmp_path: Path) -> None:
-    """`bench gpu --sections processes` on the CPU: real daemons, gossip off then on, timed by their rows."""
+    """`bench gpu --sections processes,processes-train` on the CPU: real daemons, gossip off then on, with
+    in-thread then child-process training, timed by their rows."""
     out = tmp_path / "bench-gpu.json"
-    proc = subprocess.run([*P2PNODE, "bench", "gpu", "--device", "cpu", "--sections", "processes", "--task",
-                           "digits", "--nodes", "2", "--fanout", "1", "--rounds", "6", "--warmup-rounds", "2",
-                           "--local-steps", "2", "--trials", "1", "--json", str(out)],
+    proc = subprocess.run([*P2PNODE, "bench", "gpu", "--device", "cpu", "--sections",
+                           "processes,processes-train", "--task", "digits", "--nodes", "2", "--fanout", "1",
+                           "--rounds", "6", "--warmup-rounds", "2", "--local-steps", "2", "--trials", "1",
+                           "--json", str(out)],
                           env=ENV, capture_output=True, text=True, timeout=220)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["errors"] == {}
-    pr = data["processes"]
-    assert [r["mode"] for r in pr["runs"]] == ["off", "on"]
-    assert [r["overlap"] for r in pr["runs"]] == [False, True]
+    for section, train_process in (("processes", False), ("processes-train", True)):
+        pr = data[section]
+        assert pr["train_process"] is train_process
+        assert [r["mode"] for r in pr["runs"]] == ["off", "on"]
+        assert [r["overlap"] for r in pr["runs"]] == [False, True]
+        assert [r["train_process"] for r in pr["runs"]] == [train_process] * 2
+        _check_processes_section(pr)
+    assert "training in a child process / in-thread" in proc.stdout
+
+
+def _check_processes_section(pr: dict) -> None:  # type: ignore[type-arg]
     for mode in ("off", "on"):
         figures = pr[mode]
         assert figures["rounds_timed"] == 2 * 3, "each node's rounds 3..5 (warm-up and last round left out)"

@@ -11,7 +11,8 @@ The child owns the model, its optimizer and the shard, built exactly as the in-t
 (``p2pnode.node._build_trainer``). The parent holds a :class:`TrainerProcess`, which has the
 :class:`~p2pnode.trainer.LocalTrainer` methods the gossip node calls. Two pipes join them: one carries
 ``train_steps`` calls only, the other every other request. While it trains, the child serves the second
-pipe between two steps, so a merge lands mid-training as it does with the in-thread trainer's per-step lock.
+pipe between two steps, so a merge lands mid-training as it does with the in-thread trainer's per-step lock;
+evaluations run in a thread of the child beside the training, as they do in the daemon.
 
 Messages on the pipes are msgpack, or ``torch.save`` archives read back with
 ``torch.load(weights_only=True)`` where they hold tensors; flat model vectors follow a message as raw bytes.
@@ -125,6 +126,9 @@ _RERAISED: dict[str, type[Exception]] = {"ValueError": ValueError, "RuntimeError
 # the LocalTrainer methods a parent may call on the control pipe
 _METHODS = frozenset({"get_flat", "set_flat_", "add_flat_", "reset_momentum", "evaluate", "class_f1",
                       "state_dict", "load_state_dict"})
+# answered by a thread of the child while training goes on: they read the model under the trainer's lock
+# into private copies (as the in-thread trainer's callers do from worker threads), then take a while
+_BESIDE_TRAINING = frozenset({"evaluate", "class_f1"})
 
 
 def _error_reply(exc: BaseException) -> tuple[str, str, str]:
@@ -154,12 +158,23 @@ class _Server:
         if op == "close":
             self.closed = True
             _send(self.conn, ("ok", None))
-            return
+        elif op in _BESIDE_TRAINING:
+            # the caller waits for this reply before it sends anything else, so this thread is the only
+            # writer on the pipe until it has answered
+            threading.Thread(target=self.answer, args=(op, args), name=f"p2pnode-train-{op}",
+                             daemon=True).start()
+        else:
+            self.answer(op, args)
+
+    def answer(self, op: str, args: list[Any]) -> None:
         try:
             reply: Any = ("ok", self.handle(op, args))
         except Exception as exc:  # every failure goes back to the caller, who raises it
             reply = _error_reply(exc)
-        _send(self.conn, reply)
+        try:
+            _send(self.conn, reply)
+        except OSError:  # the parent is gone; the main loop sees it too
+            pass
 
     def handle(self, op: str, args: list[Any]) -> Any:
         if op == "steps_done":
@@ -410,7 +425,12 @@ def main(argv: list[str]) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s train-process %(message)s")
     _serve(Connection(int(argv[0])), Connection(int(argv[1])))
-    return 0
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # nothing left to write: skip the interpreter's teardown, whose garbage collection of torch's objects
+    # took seconds of CPU here, and a niced child on a busy machine then outlived close()'s wait
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,9 @@ def test_requests_are_answered_between_training_steps() -> None:
         t0 = time.monotonic()
         during = trainer.get_flat()
         trainer.add_flat_(torch.zeros(trainer.num_params))
+        accuracy, loss = trainer.evaluate(None)  # in a thread of the child, beside the training
+        assert 0.0 <= accuracy <= 1.0
+        assert loss > 0
         answered_s = time.monotonic() - t0
         assert not done.is_set(), "200,000 steps cannot be over yet"
         assert answered_s < 5.0, f"requests waited {answered_s:.1f} s for a training call to end"

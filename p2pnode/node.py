@@ -701,10 +701,15 @@ class NodeRuntime:
         # On this (the main) thread, not a worker: the DHT's forked child is told to die with the thread
         # that forked it (see p2pnode.proc.die_with_parent), so a SIGKILLed node leaves no orphan DHT
         # process behind.
-        dht = create_dht(  # blocks the loop ~1 s at start-up, before anything is served
-            key_path, swarm=net.swarm, initial_peers=net.initial_peers,
-            host_maddrs=net.host_maddrs, announce_maddrs=net.announce_maddrs,
-            wait_timeout=cfg.timeouts.dht * 3, pow_bits=net.identity_pow_bits)
+        try:
+            dht = create_dht(  # blocks the loop ~1 s at start-up, before anything is served
+                key_path, swarm=net.swarm, initial_peers=net.initial_peers,
+                host_maddrs=net.host_maddrs, announce_maddrs=net.announce_maddrs,
+                wait_timeout=cfg.timeouts.dht * 3, pow_bits=net.identity_pow_bits)
+        except BaseException:
+            if cfg.train_process:
+                trainer.close()
+            raise
         transport: P2PTransport | None = None
         p2p = None
         try:

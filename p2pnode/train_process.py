@@ -245,7 +245,7 @@ class TrainerProcess:
     with the thread that started it), then call :meth:`wait_ready` (it blocks while the child builds its
     trainer; a worker thread is fine). :meth:`close` ends the child. Every method may be called from any
     thread; calls on the control pipe are served one at a time, between two training steps while a
-    :meth:`train_steps` call runs.
+    :meth:`train_steps` call runs (evaluations in a thread of the child, beside the training).
 
     Parameters
     ----------
@@ -280,7 +280,7 @@ class TrainerProcess:
         self.device = torch.device("cpu")
 
     @property
-    def pid(self) -> int | None:
+    def pid(self) -> int:
         """The training process's pid."""
         return self._process.pid
 

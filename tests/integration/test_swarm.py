@@ -43,6 +43,13 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _wait_for_round(swarm: Swarm, *, node: int, round: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while swarm.poll_progress()[node].round < round:
+        assert time.monotonic() < deadline, f"node {node} never reached round {round}"
+        time.sleep(0.1)
+
+
 def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -139,10 +146,7 @@ def test_sigkill_of_one_node_leaves_the_other_three_finishing_rounds(tmp_path: P
                         extra_args=["--unreachable-s", "30"])
     with Swarm(opts) as swarm:
         swarm.start()
-        deadline = time.monotonic() + 120
-        while swarm.poll_progress()[3].round < 5:
-            assert time.monotonic() < deadline, "node 3 never reached round 5"
-            time.sleep(0.1)
+        _wait_for_round(swarm, node=3, round=5)
         victim = swarm.processes[3]
         orphans = _children(victim.pid)  # its hivemind DHT process (which owns the p2pd daemon)
         assert orphans, "expected the node to have a DHT child process"
@@ -328,10 +332,7 @@ def test_a_train_process_swarm_learns_and_its_children_die_with_their_daemons(tm
                         extra_args=["--unreachable-s", "30", "--train-process", "--overlap"])
     with Swarm(opts) as swarm:
         swarm.start()
-        deadline = time.monotonic() + 120
-        while swarm.poll_progress()[3].round < 5:
-            assert time.monotonic() < deadline, "node 3 never reached round 5"
-            time.sleep(0.1)
+        _wait_for_round(swarm, node=3, round=5)
         trainers = {i: _train_children(p.pid) for i, p in enumerate(swarm.processes)}
         assert all(len(kids) == 1 for kids in trainers.values()), trainers
         victim = swarm.processes[3]

@@ -28,13 +28,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import math
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -46,7 +46,7 @@ from torch import nn
 
 from p2pnode.config import NodeConfig, config_from_dict
 from p2pnode.errors import TaskError, TrainProcessError
-from p2pnode.trainer import LocalTrainer
+from p2pnode.trainer import LocalTrainer, model_spec
 
 logger = logging.getLogger(__name__)
 
@@ -227,10 +227,8 @@ def _serve(train_conn: Connection, control_conn: Connection) -> None:
             (steps,) = _receive_message(train_conn)
         except EOFError:
             return
-        t0 = time.perf_counter()
         try:
-            loss = trainer.train_steps(steps, between=server.serve_pending)
-            reply: Any = ("ok", (loss, time.perf_counter() - t0))
+            reply: Any = ("ok", trainer.train_steps(steps, between=server.serve_pending))
         except _Closed:
             return
         except Exception as exc:
@@ -274,7 +272,7 @@ class TrainerProcess:
         _send(self._control_conn, (_config_layout(config),))
         self._train_lock, self._control_lock = threading.Lock(), threading.Lock()
         self.model = model
-        self.num_params = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
+        self.num_params = sum(math.prod(shape) for _, shape in model_spec(model))
         self.num_classes = 0
         self.class_counts = self.val_class_counts = torch.zeros(0, dtype=torch.int64)
         self.device = torch.device("cpu")
@@ -317,8 +315,7 @@ class TrainerProcess:
             raise ValueError(f"n must be >= 1, got {n}")
         with self._train_lock:
             self._send(self._train_conn, (n,))
-            loss, _ = self._result(self._receive(self._train_conn))
-        return float(loss)
+            return float(self._result(self._receive(self._train_conn)))
 
     def get_flat(self) -> torch.Tensor:
         """A CPU float32 copy of the flat model vector."""

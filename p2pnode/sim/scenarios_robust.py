@@ -118,7 +118,7 @@ def bristle_cells(cfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:
     cells = [{"row": f"{d}, {'no attack' if byz == 0 else f'{byz} label flippers'}", "defense": d,
               "byzantine": byz} for d in ("bristle", "mean") for byz in (0, cfg["byzantine"])]
     cells += [{"row": f"{d}, {cfg['byzantine']} label flippers", "defense": d, "byzantine": cfg["byzantine"]}
-              for d in cfg.get("baselines", [])]
+              for d in cfg["baselines"]]
     return [{**c, "cfg": cfg, "seed": seed} for c in cells]
 
 

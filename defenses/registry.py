@@ -2,7 +2,7 @@
 ``AGGREGATORS``; the class parses its own ``ARGS`` in ``from_args``.
 
 Specs: ``mean``, ``median``, ``trimmed-mean:F``, ``krum:F``, ``multi-krum:F,M``,
-``centered-clip:TAU[,L]``, ``nna:F``, ``sybilwall``, ``bristle[:ALPHA]``.
+``centered-clip:TAU[,L]``, ``nna:F``, ``sybilwall``, ``bristle[:ALPHA[,RHO]]``.
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ class GossipConfig:
                      "feedback; --defense mean only)", "gossip")
     fanout: int = _doc("peers sampled for a push-pull exchange each round (k)", 2)
     defense: str = _doc("merge rule NAME[:ARGS]: mean | nna:F | median | trimmed-mean:F | krum:F | "
-                        "multi-krum:F,M | centered-clip:TAU | sybilwall | bristle[:ALPHA]", "mean")
+                        "multi-krum:F,M | centered-clip:TAU | sybilwall | bristle[:ALPHA[,RHO]]", "mean")
     variance_correction: bool = _doc("rescale each merged layer's spread to the inputs' mean variance "
                                      "(Tian et al.; wraps any defense)", False)
     codec: str = _doc("model exchange codec NAME[:ARGS]: dense | fp16 | bf16 | int8 | topk:RATIO | "

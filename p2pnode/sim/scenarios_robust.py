@@ -115,20 +115,23 @@ def bristle_config(quick: bool) -> dict[str, Any]:
 
 
 def bristle_cells(cfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:
-    cells = [{"row": f"{d}, {'no attack' if byz == 0 else f'{byz} label flippers'}", "defense": d,
-              "byzantine": byz} for d in ("bristle", "mean") for byz in (0, cfg["byzantine"])]
-    cells += [{"row": f"{d}, {cfg['byzantine']} label flippers", "defense": d, "byzantine": cfg["byzantine"]}
-              for d in cfg["baselines"]]
+    attack = cfg.get("attack", "label-flip")
+    who = f"{cfg['byzantine']} " + ("label flippers" if attack == "label-flip" else f"{attack} attackers")
+    cells = [{"row": f"{d}, {'no attack' if byz == 0 else who}", "defense": d, "byzantine": byz}
+             for d in ("bristle", "mean") for byz in (0, cfg["byzantine"])]
+    cells += [{"row": f"{d}, {who}", "defense": d, "byzantine": cfg["byzantine"]} for d in cfg["baselines"]]
     return [{**c, "cfg": cfg, "seed": seed} for c in cells]
 
 
 def bristle_cell(cell: dict[str, Any]) -> dict[str, Any]:
     cfg, byz = cell["cfg"], cell["byzantine"]
-    opts = {"nodes": cfg["nodes"], "byzantine": byz, "attack": "label-flip" if byz else "",
+    attack = cfg.get("attack", "label-flip")
+    opts = {"nodes": cfg["nodes"], "byzantine": byz, "attack": attack if byz else "",
             "rounds": cfg["rounds"], "task": cfg["task"], "partition": cfg["partition"],
             "fanout": cfg["fanout"], "local_steps": cfg["local_steps"], "defense": cell["defense"],
             "seed": cell["seed"], "final_eval_samples": cfg["final_eval_samples"]}
-    return run_swarm(SwarmPlan(options=opts))
+    targeted = (0, 1) if attack.startswith("targeted-label-flip") else None
+    return run_swarm(SwarmPlan(options=opts, measure_targeted=targeted))
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:

@@ -24,6 +24,7 @@ from defenses.bristle import (
     bristle_scores,
     bristle_select,
     bristle_weights,
+    judged_classes,
     output_head,
     third_counts,
 )
@@ -175,17 +176,53 @@ def test_label_flipping_peer_whose_f1_collapses_gets_no_weight() -> None:
     torch.testing.assert_close(merged, own_cols)
 
 
-def test_a_peer_worse_on_one_class_is_excluded_there_and_from_foreign_classes() -> None:
+def test_with_rho_0_a_peer_worse_on_one_class_is_excluded_there_and_from_foreign_classes() -> None:
     # Prepare: 3 classes, class 2 foreign; the peer equals us on class 0 and is much worse on class 1
     f_own = torch.tensor([0.9, 0.9, 0.0])
     f_peer = torch.tensor([[0.9, 0.3, 0.0]])
     familiar = torch.tensor([True, True, False])
-    # Execute
-    w = bristle_weights(f_own, f_peer, familiar)
+    # Execute: rho = 0 judges the peer on every familiar class (DESIGN §4.3 read literally)
+    w = bristle_weights(f_own, f_peer, familiar, rho=0.0)
     # Assert: cert = 0.6 - 0.3 = 0.3; class 0: s = 0 -> 1 * 0.3; class 1: s = -(6^4.9) -> 0
     assert w[0, 0].item() == pytest.approx(0.3)
     assert w[0, 1].item() == 0.0
     assert w[0, 2].item() == 0.0, "the unfloored sum -(6^4.9) shuts the peer out of foreign classes"
+
+
+def test_a_peer_is_judged_only_on_the_familiar_classes_it_knows() -> None:
+    # Prepare: the same peer; at rho = 0.7 class 1 (0.3 < 0.7 x 0.9) is a class it does not know
+    f_own = torch.tensor([0.9, 0.9, 0.0])
+    f_peer = torch.tensor([[0.9, 0.3, 0.0]])
+    familiar = torch.tensor([True, True, False])
+    # Execute
+    judged = judged_classes(f_own, f_peer, familiar, rho=0.7)
+    w = bristle_weights(f_own, f_peer, familiar, rho=0.7)
+    # Assert: judged on class 0 alone: cert = 0.9 - 0; class 0: gate(0) * 0.9; class 1: not judged -> 0;
+    # foreign class 2: gate(sum of judged scores = 0) * 0.9
+    assert judged.tolist() == [[True, False, False]]
+    assert w[0].tolist() == pytest.approx([0.9, 0.0, 0.9])
+
+
+def test_a_peer_it_knows_but_worse_on_is_still_penalised() -> None:
+    # Prepare: the peer's 0.7 on class 1 is above 0.7 x 0.9 = 0.63, so it is judged there, and worse
+    f_own = torch.tensor([0.9, 0.9, 0.0])
+    f_peer = torch.tensor([[0.9, 0.7, 0.0]])
+    familiar = torch.tensor([True, True, False])
+    # Execute
+    w = bristle_weights(f_own, f_peer, familiar)  # default rho 0.7
+    # Assert: cert = 0.8 - 0.1 = 0.7; class 1: s = -(2^4.9) = -29.86 -> gate 0.2589; foreign: same sum
+    s1 = -(2.0**4.9)
+    assert w[0, 0].item() == pytest.approx(0.7)
+    assert w[0, 1].item() == pytest.approx(_gate(s1) * 0.7)
+    assert w[0, 2].item() == pytest.approx(_gate(s1) * 0.7)
+    assert 0.0 < w[0, 1].item() < w[0, 0].item()
+
+
+def test_certainty_takes_a_per_peer_mask_and_is_zero_for_a_peer_judged_on_nothing() -> None:
+    f_peer = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.2, 0.2]])
+    judged = torch.tensor([[True, True, False], [False, False, False]])
+    cert = bristle_certainty(f_peer, judged)
+    assert cert.tolist() == pytest.approx([0.7 - 0.2, 0.0])
 
 
 def test_foreign_classes_use_the_per_peer_weight_from_summed_scores() -> None:
@@ -276,12 +313,15 @@ def test_bristle_without_peers_returns_a_copy_and_leaves_inputs_alone() -> None:
     assert torch.equal(peer, peer_copy)
 
 
-@pytest.mark.parametrize(("args", "alpha"), [("", 0.4), ("0.25", 0.25), ("0", 0.0)])
-def test_bristle_from_args(args: str, alpha: float) -> None:
-    assert Bristle.from_args(args).alpha == alpha
+@pytest.mark.parametrize(("args", "alpha", "rho"),
+                         [("", 0.4, 0.7), ("0.25", 0.25, 0.7), ("0", 0.0, 0.7), ("0.4,0", 0.4, 0.0),
+                          ("0.3,1", 0.3, 1.0)])
+def test_bristle_from_args(args: str, alpha: float, rho: float) -> None:
+    rule = Bristle.from_args(args)
+    assert (rule.alpha, rule.rho) == (alpha, rho)
 
 
-@pytest.mark.parametrize("args", ["x", "1.5", "-0.1", "nan", "0.4,1", "0.4,"])
+@pytest.mark.parametrize("args", ["x", "1.5", "-0.1", "nan", "0.4,1.5", "0.4,", "0.4,nan", "0.4,0.7,1"])
 def test_bristle_from_args_rejects_bad_specs(args: str) -> None:
     with pytest.raises(ValueError, match="bristle"):
         Bristle.from_args(args)

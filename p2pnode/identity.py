@@ -11,6 +11,7 @@ Files are created with mode 0600; a group/world-readable key file is refused.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import stat
@@ -67,6 +68,14 @@ class Identity:
     @classmethod
     def generate(cls) -> Identity:
         return cls(private_key=Ed25519PrivateKey.generate())
+
+    @classmethod
+    def simulated(cls, label: str) -> Identity:
+        """A key derived from ``label`` (SHA-256), for the virtual nodes of in-process and simulated swarms,
+        so that a seed fixes their peer ids and everything seeded by them. Anyone who knows the label
+        has the key: never for a node on a network."""
+        seed = hashlib.sha256(b"p2pnode simulated identity/" + label.encode()).digest()
+        return cls(private_key=Ed25519PrivateKey.from_private_bytes(seed))
 
     @classmethod
     def from_libp2p_bytes(cls, data: bytes, path: Path | None = None) -> Identity:

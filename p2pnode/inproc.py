@@ -177,7 +177,7 @@ class InprocSwarm:
         self.registry: dict[str, MembershipRecord] = {}
         self.nodes: list[Node] = []
         self.rows: list[dict[str, Any]] = []
-        identities = [Identity.generate() for _ in range(opts.nodes)]
+        identities = [Identity.simulated(f"{opts.seed}/{i}") for i in range(opts.nodes)]
         # Sybil identities are one attacker: each knows the others' peer ids (its allies)
         allies = ([ident.peer_id for ident in identities[opts.nodes - opts.byzantine:]]
                   if opts.attack.startswith("sybil") else [])

@@ -241,7 +241,7 @@ class Simulation:
                                      val_fraction=validation_fraction(cfg), **cfg.task.sgd_settings())
                         for i, (data, cfg) in enumerate(zip(datas, configs))]
         del datas
-        identities = [Identity.generate() for _ in range(n)]
+        identities = [Identity.simulated(f"{opts.seed}/{i}") for i in range(n)]
         allies = ([ident.peer_id for ident in identities[n - opts.byzantine:]]
                   if opts.attack.startswith("sybil") else [])
         records = [MembershipRecord(peer_id=ident.peer_id, swarm=configs[0].network.swarm, maddrs=(),

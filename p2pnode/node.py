@@ -673,43 +673,44 @@ class NodeRuntime:
         self.stop.set()
 
     async def run(self) -> int:
-        # here, not at the top: p2pnode.byzantine imports this module, and hivemind (DHT, libp2p) is only
-        # needed where a real node runs (in-process swarms and benches run where it is absent)
-        from p2pnode.byzantine import make_node
-        from p2pnode.membership import Membership, create_dht, visible_maddrs
-        from p2pnode.transport.p2p import P2PTransport
-
         cfg = self.config
         aggregator = _build_aggregator(cfg.gossip.defense, cfg.gossip.variance_correction)
-        net = cfg.network
-        key_path = str(Path(net.identity).expanduser())  # noqa: ASYNC240 - no I/O, string expansion only
+        key_path = str(Path(cfg.network.identity).expanduser())  # noqa: ASYNC240 - no I/O, string expansion only
         identity = load_or_create_identity(Path(key_path))
-        require_identity_pow(identity, net.identity_pow_bits)
+        require_identity_pow(identity, cfg.network.identity_pow_bits)
         task = make_task(cfg.task.name, cfg.task.data_dir)
         trainer: Any
         if cfg.train_process:  # started on the main thread: the child dies with the thread that started it
             from p2pnode.train_process import TrainerProcess
 
             trainer = TrainerProcess(cfg, task.build_model(cfg.seed))
-            try:
-                await asyncio.to_thread(trainer.wait_ready)
-            except BaseException:
-                trainer.close()
-                raise
         else:
             trainer = await asyncio.to_thread(_build_trainer, cfg, task)
+        try:  # whatever fails from here on, a training process is closed once, after everything else
+            if cfg.train_process:
+                await asyncio.to_thread(trainer.wait_ready)
+            return await self._run_node(identity, key_path, trainer, task, aggregator)
+        finally:
+            if cfg.train_process:
+                await asyncio.to_thread(trainer.close)
+
+    async def _run_node(self, identity: Identity, key_path: str, trainer: Any, task: Any,
+                        aggregator: Aggregator) -> int:
+        """Start the DHT and the transport, build the node on ``trainer``, serve and run it; stop both."""
+        # here, not at the top: p2pnode.byzantine imports this module, and hivemind (DHT, libp2p) is only
+        # needed where a real node runs (in-process swarms and benches run where it is absent)
+        from p2pnode.byzantine import make_node
+        from p2pnode.membership import Membership, create_dht, visible_maddrs
+        from p2pnode.transport.p2p import P2PTransport
+
+        cfg, net = self.config, self.config.network
         # On this (the main) thread, not a worker: the DHT's forked child is told to die with the thread
         # that forked it (see p2pnode.proc.die_with_parent), so a SIGKILLed node leaves no orphan DHT
         # process behind.
-        try:
-            dht = create_dht(  # blocks the loop ~1 s at start-up, before anything is served
-                key_path, swarm=net.swarm, initial_peers=net.initial_peers,
-                host_maddrs=net.host_maddrs, announce_maddrs=net.announce_maddrs,
-                wait_timeout=cfg.timeouts.dht * 3, pow_bits=net.identity_pow_bits)
-        except BaseException:
-            if cfg.train_process:
-                trainer.close()
-            raise
+        dht = create_dht(  # blocks the loop ~1 s at start-up, before anything is served
+            key_path, swarm=net.swarm, initial_peers=net.initial_peers,
+            host_maddrs=net.host_maddrs, announce_maddrs=net.announce_maddrs,
+            wait_timeout=cfg.timeouts.dht * 3, pow_bits=net.identity_pow_bits)
         transport: P2PTransport | None = None
         p2p = None
         try:
@@ -746,8 +747,6 @@ class NodeRuntime:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(p2p.shutdown(), cfg.timeouts.shutdown)
             await asyncio.to_thread(dht.shutdown)
-            if cfg.train_process:
-                await asyncio.to_thread(trainer.close)
 
     async def _supervise(self, node: Node, maddrs: list[str]) -> int:
         """Run heartbeat and rounds in one TaskGroup; stop both on a signal or after the linger."""

@@ -35,7 +35,7 @@ import torch
 
 from p2pnode.identity import Identity
 from p2pnode.transport.framing import STATUS_OK, STATUS_REJECTED
-from protocols.envelope import DOMAIN, SIGNATURE_BYTES, VERSION, seal, uvarint
+from protocols.envelope import SIGNATURE_BYTES, VERSION, seal, signing_input, uvarint
 from protocols.exchange import pack_exchange
 from protocols.keys import pubkey_from_peer_id
 from protocols.model import encode_model
@@ -200,7 +200,7 @@ class MessageFactory:
         """A hand-built envelope with one malformed field, signed correctly (or a wrong version)."""
         key = pubkey_from_peer_id(self.lane.identity.peer_id)
         kind, rnd, seq = b"push", uvarint(self.rng.randrange(1000)), uvarint(self.lane.next_seq())
-        version = 2
+        version = VERSION
         case = self.rng.randrange(7)
         if case == 0:
             kind = b""
@@ -213,15 +213,15 @@ class MessageFactory:
         elif case == 4:
             rnd, seq = bytes([0x80]), b""  # truncated: the payload must be empty for it to be last
         elif case == 5:
-            version = self.rng.choice([0, 1, 3, 255])
+            version = self.rng.choice([0, 1, 2, 4, 255])
         head = bytes([version]) + key
         if case == 6:  # kind length past the end of the signed bytes
             signed = head + bytes([self.rng.randint(4, 255)]) + b"pus"
         else:
             body = b"" if case == 4 else self._valid_payload()
             signed = head + bytes([len(kind)]) + kind + rnd + seq + body
-        domain = DOMAIN + bytes([len(self.t.swarm.encode())]) + self.t.swarm.encode()
-        return Message("envelope-layout", REJECT, signed + self.lane.identity.sign(domain + signed))
+        return Message("envelope-layout", REJECT,
+                       signed + self.lane.identity.sign(signing_input(self.t.swarm, signed)))
 
     # -- exchange body (re-sealed) -----------------------------------------------------------------
     def _exchange_truncate(self) -> Message:

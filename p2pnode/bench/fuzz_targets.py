@@ -29,8 +29,8 @@ from p2pnode.sybilwall import SybilWallExtension
 from p2pnode.transport.framing import decode_header, encode_header
 from protocols import records, sybil_records
 from protocols.codecs import Codec, CodecError, Layout, make_codec
-from protocols.envelope import DOMAIN as ENVELOPE_DOMAIN
-from protocols.envelope import SIGNATURE_BYTES, open_envelope, seal
+from protocols.envelope import SIGNATURE_BYTES, open_envelope, seal, signing_input
+from protocols.envelope import VERSION as ENVELOPE_VERSION
 from protocols.errors import ProtocolError
 from protocols.exchange import pack_exchange, unpack_exchange
 from protocols.keys import pubkey_from_peer_id
@@ -95,8 +95,8 @@ def check_flat(numel: int) -> Callable[[object], None]:
 
 def _signed_envelope(fields: bytes) -> bytes:
     """``fields`` (everything after the version byte and key) in an envelope signed by :data:`KEY`."""
-    signed = bytes([2]) + pubkey_from_peer_id(KEY.peer_id) + fields
-    return signed + KEY.sign(ENVELOPE_DOMAIN + bytes([len(SWARM)]) + SWARM.encode() + signed)
+    signed = bytes([ENVELOPE_VERSION]) + pubkey_from_peer_id(KEY.peer_id) + fields
+    return signed + KEY.sign(signing_input(SWARM, signed))
 
 
 def _inner(sealed: bytes) -> bytes:

@@ -5,7 +5,9 @@
 - Merge rules on a pre-stacked ``(n, d)`` input: every rule beside two references, ``torch.cdist`` of all
   pairs plus a mean, and NNA's arithmetic floor (the n distances from the own row plus a mean).
 - Ed25519: sealing (serialise + sign) and opening (verify + parse) an envelope, per MB of payload and for an
-  empty one, beside SHA-512 over the same bytes (signing hashes the message twice, verifying once).
+  empty one, beside SHA-512 over the same bytes (envelope version 2's floor: its signing hashed the
+  message twice with it, verifying once; version 3 signs a SHA-256 digest), and whether sealing and
+  opening hold the interpreter lock (:func:`spinner_kept`).
 - Small-RPC latency under load (:mod:`p2pnode.bench.rpc_latency`): a client pings a node that trains
   flat out (``p2pnode run``, real libp2p), at a fixed rate; p50/p99/max of the round trips.
 
@@ -33,6 +35,8 @@ from protocols.codecs.bench import bench_codecs, clone_bandwidth_gbs, machine_in
 logger = logging.getLogger(__name__)
 
 GB, MB = 1e9, 1e6
+LOCK_RATE = 100.0  # seals + opens a second while a Python thread spins (4 exchanges per 40 ms round)
+LOCK_SECONDS = 3.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -44,7 +48,8 @@ class HotpathOptions:
     repeats: int = 5  # timed runs per measure after a warm-up; the median is reported
     threads: int = 1  # torch threads of this process
     codecs: tuple[str, ...] = ("dense", "fp16", "bf16", "int8")
-    envelope_mb: tuple[float, ...] = (1.0, 16.0)  # payload sizes sealed and opened (plus an empty one)
+    envelope_mb: tuple[float, ...] = (0.456, 1.0, 16.0)  # payloads sealed and opened (plus an empty one);
+    # 0.456 MB: the flat model of the GPU bench's CNN (114k fp32)
     rpc_seconds: float = 30.0  # how long the pinger runs against a training node (0: skip that part)
     rpc_rate: float = 20.0  # pings per second
     rpc_task: str = "fashion-mnist"  # what the pinged node trains
@@ -92,8 +97,50 @@ def merge_rows(opts: HotpathOptions, progress: Callable[[str], None]) -> list[di
     return rows
 
 
+def spinner_kept(work: Callable[[], object], *, rate: float, seconds: float) -> float:
+    """Share of its solo rate that a pure-Python thread keeps while this thread runs ``work`` ``rate``
+    times a second (paced by sleeps): what a Python-bound training thread, e.g. one launching GPU kernels,
+    keeps beside the exchanges. 1.0: ``work`` never holds the interpreter lock."""
+    import threading
+
+    def spin_for(busy: Callable[[], None]) -> float:
+        stop, count = threading.Event(), [0]
+
+        def spin() -> None:
+            n = 0
+            while not stop.is_set():
+                for _ in range(1000):
+                    n += 1
+                count[0] = n
+
+        thread = threading.Thread(target=spin, daemon=True)
+        thread.start()
+        time.sleep(0.05)
+        c0, t0 = count[0], time.perf_counter()
+        busy()
+        c1, t1 = count[0], time.perf_counter()
+        stop.set()
+        thread.join()
+        return (c1 - c0) / (t1 - t0)
+
+    def paced() -> None:
+        period, start = 1.0 / rate, time.perf_counter()
+        for k in range(int(seconds * rate)):
+            work()
+            time.sleep(max(0.0, start + (k + 1) * period - time.perf_counter()))
+
+    solo = spin_for(lambda: time.sleep(seconds))
+    return spin_for(paced) / solo
+
+
 def envelope_rows(opts: HotpathOptions) -> list[dict[str, Any]]:
-    """Seal and open an envelope of each payload size; per-MB costs beside SHA-512 over the same bytes."""
+    """Seal and open an envelope of each payload size; per-MB costs beside SHA-512 over the same bytes.
+
+    For sizes up to 1 MB, also what a pure-Python thread keeps of its speed while this thread seals and
+    opens :data:`LOCK_RATE` envelopes a second (:func:`spinner_kept`), beside version 2's rule (Ed25519
+    sign and verify over the bytes themselves): does the envelope hold the interpreter lock that a
+    training thread needs?
+    """
     from p2pnode.identity import Identity
     from protocols.envelope import open_envelope, seal
 
@@ -110,6 +157,10 @@ def envelope_rows(opts: HotpathOptions) -> list[dict[str, Any]]:
         def do_open(sealed: bytes = sealed, limit: int = limit) -> object:
             return open_envelope(sealed, max_bytes=limit, swarm="bench")
 
+        def v2_rule(sealed: bytes = sealed) -> None:  # sign and verify the bytes themselves
+            signature = signer.sign(sealed[:-64])
+            signer.private_key.public_key().verify(signature, sealed[:-64])
+
         repeats = opts.repeats if size_mb else 200
         t_seal, t_open = median_seconds(do_seal, repeats), median_seconds(do_open, repeats)
         t_hash = median_seconds(functools.partial(hashlib.sha512, payload), repeats)
@@ -118,6 +169,11 @@ def envelope_rows(opts: HotpathOptions) -> list[dict[str, Any]]:
         if size_mb:
             row |= {"seal_ms_per_mb": row["seal_ms"] / size_mb, "open_ms_per_mb": row["open_ms"] / size_mb,
                     "sha512_ms_per_mb": row["sha512_ms"] / size_mb}
+            if size_mb <= 1.0:  # at 16 MB a hundred a second would not fit in a second
+                row["python_thread_kept"] = spinner_kept(lambda: do_open(do_seal()), rate=LOCK_RATE,
+                                                         seconds=LOCK_SECONDS)
+                row["python_thread_kept_v2_rule"] = spinner_kept(v2_rule, rate=LOCK_RATE,
+                                                                 seconds=LOCK_SECONDS)
         rows.append(row)
     return rows
 
@@ -203,14 +259,18 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(f"| {r['rule']} | {r['median_s']:.3f} s | {r['vs_nna_floor']:.2f} | "
                          f"{r['vs_cdist_mean']:.3f} |")
     if result["envelopes"]:
-        lines += ["", "| envelope payload | seal | open | SHA-512 of the payload |", "|---:|---:|---:|---:|"]
+        lines += ["", f"| envelope payload | seal | open | SHA-512 of the payload | a Python thread keeps, "
+                      f"{LOCK_RATE:g} seal+open/s | the same, version 2's rule |",
+                  "|---:|---:|---:|---:|---:|---:|"]
     for r in result["envelopes"]:
+        kept = (f"{r['python_thread_kept']:.3f} | {r['python_thread_kept_v2_rule']:.3f}"
+                if "python_thread_kept" in r else " | ")
         if r["payload_mb"]:
             lines.append(f"| {r['payload_mb']:g} MB | {r['seal_ms_per_mb']:.2f} ms/MB | "
-                         f"{r['open_ms_per_mb']:.2f} ms/MB | {r['sha512_ms_per_mb']:.2f} ms/MB |")
+                         f"{r['open_ms_per_mb']:.2f} ms/MB | {r['sha512_ms_per_mb']:.2f} ms/MB | {kept} |")
         else:
             lines.append(f"| empty ({r['envelope_bytes']} B) | {1e3 * r['seal_ms']:.0f} µs | "
-                         f"{1e3 * r['open_ms']:.0f} µs | |")
+                         f"{1e3 * r['open_ms']:.0f} µs | | | |")
     rpc = result.get("rpc")
     if rpc:
         lines += ["", f"ping round trips to a node training flat out ({rpc['task']}): {rpc['answered']} of "

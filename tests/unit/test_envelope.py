@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pnode.identity import Identity
-from protocols.envelope import DOMAIN, Envelope, ReplayGuard, open_envelope, seal
+from protocols.envelope import DOMAIN, Envelope, ReplayGuard, open_envelope, seal, signing_input
 from protocols.errors import BadSignature, ProtocolError, Replay, TooLarge
 from protocols.keys import pubkey_from_peer_id
 
@@ -38,18 +40,18 @@ def test_roundtrip_returns_every_field() -> None:
 
 
 def _raw(kind: bytes = b"push", round: bytes = b"\x03", seq: bytes = b"\x07", payload: bytes = b"x",
-         signer: Identity = ALICE, key: Identity | None = None, version: int = 2,
+         signer: Identity = ALICE, key: Identity | None = None, version: int = 3,
          swarm: bytes = b"s1") -> bytes:
     """An envelope assembled by hand: ``key``'s public key in the header, signed by ``signer``."""
     signed = (bytes([version]) + pubkey_from_peer_id((key or signer).peer_id) + bytes([len(kind)]) + kind
               + round + seq + payload)
-    return signed + signer.sign(DOMAIN + bytes([len(swarm)]) + swarm + signed)
+    return signed + signer.sign(DOMAIN + bytes([len(swarm)]) + swarm + hashlib.sha256(signed).digest())
 
 
 def test_wire_layout_is_version_key_kind_varints_payload_signature() -> None:
     data = _sealed(round=300, seq=7)
 
-    assert data[0] == 2
+    assert data[0] == 3
     assert data[1:33] == pubkey_from_peer_id(ALICE.peer_id)
     assert data[33:38] == b"\x04push"
     assert data[38:41] == bytes([0xAC, 0x02, 0x07])  # LEB128 of 300, then 7
@@ -124,14 +126,15 @@ def test_signed_but_malformed_fields_are_protocol_errors(fields: dict) -> None:
 
 
 def test_kind_length_past_the_end_is_a_protocol_error() -> None:
-    signed = bytes([2]) + pubkey_from_peer_id(ALICE.peer_id) + bytes([120]) + b"push"
-    data = signed + ALICE.sign(DOMAIN + b"\x02s1" + signed)
+    signed = bytes([3]) + pubkey_from_peer_id(ALICE.peer_id) + bytes([120]) + b"push"
+    data = signed + ALICE.sign(signing_input("s1", signed))
 
     with pytest.raises(ProtocolError):
         open_envelope(data, max_bytes=LIMIT, swarm="s1")
 
 
-@pytest.mark.parametrize("outer", [b"", b"\x02", _raw(version=1), _raw(version=3), b"\x02" + b"k" * 40])
+@pytest.mark.parametrize("outer", [b"", b"\x03", _raw(version=1), _raw(version=2), _raw(version=4),
+                                   b"\x03" + b"k" * 40])
 def test_malformed_outer_layers_are_protocol_errors(outer: bytes) -> None:
     with pytest.raises(ProtocolError):
         open_envelope(outer, max_bytes=LIMIT, swarm="s1")
@@ -216,3 +219,16 @@ def test_fuzz_bit_flips_never_yield_a_different_valid_envelope(bit: int) -> None
     except ProtocolError:
         return
     assert env == open_envelope(VALID, max_bytes=LIMIT, swarm="s1")  # only a non-semantic byte could change
+
+
+def test_a_signature_over_the_bytes_themselves_does_not_verify() -> None:
+    # Version 2 signed domain + swarm + the bytes; version 3 signs SHA-256 of them. An envelope signed
+    # the old way under the new version byte is refused, so the two rules never mix.
+    signed = _sealed()[:-64]
+    old_rule = signed + ALICE.sign(b"p2pnode-envelope-v2\x00" + b"\x02s1" + signed)
+    same_domain = signed + ALICE.sign(DOMAIN + b"\x02s1" + signed)
+
+    for data in (old_rule, same_domain):
+        with pytest.raises(BadSignature):
+            open_envelope(data, max_bytes=LIMIT, swarm="s1")
+    assert open_envelope(signed + ALICE.sign(signing_input("s1", signed)), max_bytes=LIMIT, swarm="s1")

@@ -19,7 +19,8 @@ def test_envelope_rows_time_seal_and_open_and_measure_the_lock(monkeypatch: pyte
     assert empty["payload_mb"] == 0.0
     assert empty["envelope_bytes"] < 120
     assert small["envelope_bytes"] == empty["envelope_bytes"] + 10_000
-    for key in ("seal_ms", "open_ms", "seal_ms_per_mb", "open_ms_per_mb", "sha512_ms_per_mb"):
+    for key in ("seal_ms", "open_ms", "seal_ms_per_mb", "open_ms_per_mb", "sha512_ms_per_mb",
+                "v2_sign_verify_ms_per_mb"):
         assert small[key] > 0, key
     for key in ("python_thread_kept", "python_thread_kept_v2_rule"):
         assert 0.0 < small[key] < 2.0, key  # a share of the spinner's solo rate

@@ -56,8 +56,9 @@ def sybilwall_config(quick: bool) -> dict[str, Any]:
     return {"honest": 99, "task": "fashion-mnist", "rounds": 30, "local_steps": 10, "fanout": 4,
             "radius": 0.2, "max_degree": 7, "partition": "dirichlet:0.1", "final_eval_samples": 1000,
             "max_grad_norm": 5.0, "sybils": SYBIL_COUNTS,
-            # sybilwall's default reference is captured by 15 Sybils here; the weighted one is not
-            # (docs/sim/scenarios.md). Stored runs: 73055b1 (plain), c7adca2 (weighted, then the default)
+            # sybilwall's default reference is captured by 5 and 15 Sybils here; the weighted one is not
+            # (docs/sim/scenarios.md). Stored runs: cad9d68 (all three, seed-fixed), 73055b1 (plain),
+            # c7adca2 (weighted, then the default)
             "defenses": ("mean", "sybilwall", "sybilwall:weighted")}
 
 

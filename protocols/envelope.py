@@ -117,10 +117,13 @@ def _domain(swarm: str) -> bytes:
     return DOMAIN + bytes([len(raw)]) + raw
 
 
-def signing_input(swarm: str, signed: bytes | memoryview) -> bytes:
-    """What an envelope's signature covers: the domain, the swarm, and SHA-256 of ``signed`` (every byte
-    before the signature)."""
-    return _domain(swarm) + hashlib.sha256(signed).digest()
+def signing_input(swarm: str, *signed: bytes | memoryview) -> bytes:
+    """What an envelope's signature covers: the domain, the swarm, and SHA-256 of every byte before the
+    signature (given in one or more consecutive parts, so that the sender need not join them first)."""
+    digest = hashlib.sha256()
+    for part in signed:
+        digest.update(part)
+    return _domain(swarm) + digest.digest()
 
 
 def unpack_limited(
@@ -178,9 +181,7 @@ def seal(signer: Signer, *, kind: str, swarm: str, round: int, seq: int, payload
         raise ProtocolError(f"round and seq must be ints in [0, 2**63), got {round!r}, {seq!r}")
     header = b"".join((bytes([VERSION]), _pubkey(signer.peer_id), bytes([len(kind)]), kind.encode(),
                        uvarint(round), uvarint(seq)))
-    digest = hashlib.sha256(header)
-    digest.update(payload)
-    signature = signer.sign(_domain(swarm) + digest.digest())
+    signature = signer.sign(signing_input(swarm, header, payload))
     return b"".join((header, payload, signature))  # the one copy of the payload
 
 

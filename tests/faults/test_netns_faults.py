@@ -108,8 +108,10 @@ def test_a_node_on_a_1_mbit_link_keeps_making_rounds_without_holding_up_the_othe
     opts = SwarmOptions(nodes=nodes, rounds=rounds, task="digits", out=tmp_path / "run", linger_s=20.0,
                         extra_args=NET_FLAGS)
     with NetnsLab(nodes) as lab, NetnsSwarm(opts, lab) as swarm:
-        swarm.start()
+        # capped from the start: set after start(), the cap came too late in one CI run (the slow node's
+        # 20 digits rounds were over within 0.46 s of each other, at 20 Mbit/s, before the two tc calls)
         lab.cap(slow, "1mbit")
+        swarm.start()
         finished = swarm.wait_finished(timeout=180)
         progress = swarm.poll_progress()
         times = [_round_times(swarm, i) for i in range(nodes)]

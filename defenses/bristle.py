@@ -239,14 +239,16 @@ def bristle_integrate(own_cols: torch.Tensor, peer_cols: torch.Tensor, f_own: to
     ValueError
         On inconsistent shapes or F1 values that are not finite numbers in [0, 1].
     """
+    return _integrate(own_cols, peer_cols, f_own, f_peers, familiar, rho)[0]
+
+
+def _integrate(own_cols: torch.Tensor, peer_cols: torch.Tensor, f_own: torch.Tensor, f_peers: torch.Tensor,
+               familiar: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bristle_integrate`, also returning the (m, C) weights it used."""
     _check_integrator_inputs(own_cols, peer_cols, f_own, f_peers, familiar)
-    return _weighted_columns(own_cols, peer_cols, bristle_weights(f_own, f_peers, familiar, rho))
-
-
-def _weighted_columns(own_cols: torch.Tensor, peer_cols: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``(own + Σ_p w_pc peer_p) / (1 + Σ_p w_pc)`` per class; w (m, C), cols (C, P) / (m, C, P)."""
+    w = bristle_weights(f_own, f_peers, familiar, rho)  # (m, C)
     total = own_cols.double() + torch.einsum("mc,mcp->cp", w, peer_cols.double())  # (C, P)
-    return (total / (1.0 + w.sum(dim=0)).unsqueeze(1)).to(own_cols.dtype)
+    return (total / (1.0 + w.sum(dim=0)).unsqueeze(1)).to(own_cols.dtype), w
 
 
 def _check_integrator_inputs(own_cols: torch.Tensor, peer_cols: torch.Tensor, f_own: torch.Tensor,
@@ -419,11 +421,9 @@ class Bristle(Aggregator):
         f_peers = torch.stack([context.class_f1(received[p]) for p in peers])  # (m, C)
         familiar = (state or BristleState()).familiar(head.num_classes)
         peer_cols = torch.stack([head.columns(received[p]) for p in peers])  # (m, C, P)
-        own_cols = head.columns(own)  # (C, P)
-        _check_integrator_inputs(own_cols, peer_cols, f_own, f_peers, familiar)
-        weights = bristle_weights(f_own, f_peers, familiar, self.rho)  # (m, C)
+        cols, weights = _integrate(head.columns(own), peer_cols, f_own, f_peers, familiar, self.rho)
         merged = own.clone()
-        head.write(merged, _weighted_columns(own_cols, peer_cols, weights))
+        head.write(merged, cols)
         if state is not None:
             state.last_weights = {p: weights[j].float() for j, p in enumerate(peers)}
             state.remember(received)

@@ -8,6 +8,13 @@ when all have finished. This is what the robustness benchmark runs (20 nodes × 
 fit on a 2-core machine as separate processes); the multi-process ``p2pnode swarm`` runs the same
 configurations for real.
 
+By default (``InprocOptions.fixed``) a run is fixed by its seed, as ``p2pnode simulate``'s are: peer ids
+come from the seed, :meth:`InprocSwarm.execute` runs every node on one thread (training included, see
+:func:`~p2pnode.sim.core.inline_loop_factory`), and the peer guards read a clock of :data:`ROUND_S` per
+round (:class:`RoundClock`) rather than wall time. With training in worker threads instead
+(``fixed=False``, what the throughput benches need), whether a node reads a peer's model before or
+after that peer's merge depends on timing, and two runs of one seed differ by several points.
+
 It writes the same ``summary.json`` contract as ``p2pnode swarm``.
 """
 
@@ -39,6 +46,19 @@ logger = logging.getLogger(__name__)
 
 NodeFactory = Callable[..., Node]
 
+ROUND_S = 1.0  # what one round counts as on a fixed run's peer-guard clock (rate limits, ban recovery)
+EXCHANGE_TIMEOUT_S = 3600.0  # a fixed run trains inline: a peer's answer waits for its training
+
+
+class RoundClock:
+    """A clock that reads :data:`ROUND_S` per round of a fixed run (its driver sets ``now``)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
 
 @dataclass(kw_only=True, slots=True)
 class InprocOptions:
@@ -66,6 +86,7 @@ class InprocOptions:
     final_eval_samples: int = 10_000
     overlap: bool = False  # GossipConfig.overlap: the next round's local steps run during the exchange
     device: str = "cpu"  # where every node trains: cpu | cuda | cuda:N | auto (they share it)
+    fixed: bool = True  # the seed fixes the run: one thread, round-clock guards (module docstring)
     data_dir: str | None = None  # the task's data files (default: the task's own location)
     out: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -177,6 +198,7 @@ class InprocSwarm:
         self.registry: dict[str, MembershipRecord] = {}
         self.nodes: list[Node] = []
         self.rows: list[dict[str, Any]] = []
+        self.clock = RoundClock()
         identities = [Identity.simulated(f"{opts.seed}/{i}") for i in range(opts.nodes)]
         # Sybil identities are one attacker: each knows the others' peer ids (its allies)
         allies = ([ident.peer_id for ident in identities[opts.nodes - opts.byzantine:]]
@@ -188,7 +210,11 @@ class InprocSwarm:
             trainer = _build_trainer(opts, cfg, i)
             transport = MemoryTransport(self.network, identity.peer_id)
             view = FullView(identity.peer_id, self.registry, random.Random(f"{opts.seed}/{i}"))
-            self.nodes.append(factory(cfg, identity, trainer, transport, view))
+            node = factory(cfg, identity, trainer, transport, view)
+            if opts.fixed:
+                node.guard.clock = self.clock
+                node.config.timeouts.exchange = EXCHANGE_TIMEOUT_S
+            self.nodes.append(node)
             self.registry[identity.peer_id] = MembershipRecord(
                 peer_id=identity.peer_id, swarm="inproc", maddrs=(), round=0, mode=opts.mode,
                 codec=opts.codec, model_fingerprint=b"", timestamp=time.time())
@@ -198,6 +224,7 @@ class InprocSwarm:
         for node in self.nodes:
             await node.transport.start(node.serve)
         for r in range(1, self.opts.rounds + 1):
+            self.clock.now = r * ROUND_S
             reports = await asyncio.gather(*(n.run_round() for n in self.nodes))
             for i, (node, rep) in enumerate(zip(self.nodes, reports)):
                 self.rows.append({"event": "round", "node": i, "role": node.role, **node.counters(),
@@ -215,6 +242,15 @@ class InprocSwarm:
             self.rows.append(row)
             results.append(row)
         return results
+
+    def execute(self, progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+        """:meth:`run` to the end on a new event loop: one thread if ``opts.fixed``, else worker threads."""
+        if not self.opts.fixed:
+            return asyncio.run(self.run(progress))
+        from p2pnode.sim.core import inline_loop_factory
+
+        with asyncio.Runner(loop_factory=inline_loop_factory()) as runner:
+            return runner.run(self.run(progress))
 
     def models(self, honest_only: bool = True) -> torch.Tensor:
         """The current flat models stacked, shape ``(n, d)``."""
@@ -246,7 +282,7 @@ def run_inproc(opts: InprocOptions, *, factory: NodeFactory = default_factory,
     """
     t0 = time.time()
     swarm = InprocSwarm(opts, factory=factory)
-    results = asyncio.run(swarm.run(progress))
+    results = swarm.execute(progress)
     summary = summarize(opts, results, time.time() - t0)
     if measure is not None:
         summary["measures"] = measure(swarm)

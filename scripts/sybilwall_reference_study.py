@@ -9,6 +9,7 @@ with M Sybils, fashion-mnist Dirichlet(0.1), fanout 4, 12 rounds x 10 steps, gra
 VARIANT:
   current      the code as it is (uniqueness; newcomers by first-sight uniqueness)
   uniq-new0    uniqueness, newcomers count 0
+  uniq-norm    uniqueness over the largest uniqueness among the inputs (own model still 1)
   logit-new0   the logit SybilWall weight of the last merge, newcomers count 0
   plain        every input counts 1 (the plain median of the inputs: the reference before)
   mean         no SybilWall at all (plain mean merge)
@@ -31,7 +32,7 @@ import defenses.sybilwall as sw
 from p2pnode.sim.scenarios_common import SwarmPlan, run_swarm
 from p2pnode.sim.scenarios_robust import sybil_topology, sybilwall_config
 
-VARIANTS = ("current", "uniq-new0", "logit-new0", "plain", "mean")
+VARIANTS = ("current", "uniq-norm", "uniq-new0", "logit-new0", "plain", "mean")
 
 
 def main() -> None:
@@ -65,6 +66,19 @@ def main() -> None:
         sw.first_sight_uniqueness = lambda models, own: torch.zeros(models.shape[0], dtype=torch.float64)
     if ns.variant == "logit-new0":
         sw.SybilWallState.trust = lambda self, peer: last_weights.get(id(self), {}).get(peer, 0.0)
+    if ns.variant == "uniq-norm":
+        raw_first = sw.first_sight_uniqueness
+
+        def normed_first(models: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+            u = raw_first(models, own)
+            return u / u.max() if u.max() > 0 else u
+
+        def normed_trust(self: Any, peer: str) -> float:
+            top = max(self.uniqueness.values(), default=0.0)
+            return self.uniqueness.get(peer, 0.0) / top if top > 0 else 0.0
+
+        sw.first_sight_uniqueness = normed_first
+        sw.SybilWallState.trust = normed_trust
     if ns.variant == "plain":
         sw.SybilWallState.trust = lambda self, peer: 1.0
         sw.first_sight_uniqueness = lambda models, own: torch.ones(models.shape[0], dtype=torch.float64)

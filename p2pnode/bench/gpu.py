@@ -148,7 +148,8 @@ def run_swarm_timed(opts: GpuBenchOptions, device: str, *, gossip: bool) -> dict
 
     run = InprocOptions(nodes=opts.nodes, rounds=opts.rounds, task=opts.task, data_dir=opts.data_dir,
                         fanout=opts.fanout if gossip else 0, overlap=gossip, local_steps=opts.local_steps,
-                        batch_size=opts.batch_size, device=device, seed=opts.seed, final_eval_samples=256)
+                        batch_size=opts.batch_size, device=device, seed=opts.seed, final_eval_samples=256,
+                        fixed=False)  # training in worker threads: what overlap and timing need
     swarm = InprocSwarm(run, factory=_timed_factory)
     w, last = opts.warmup_rounds, opts.rounds
     nodes = [node for node in swarm.nodes if isinstance(node, TimedNode)]

@@ -56,7 +56,8 @@ def _options(o: SpsaBenchOptions, nodes: int, steps: int) -> Any:
     spsa = {"lr": o.lr, "eps": o.eps, "k": o.k, "drain_rounds": o.drain_rounds, "probe_every": 2}
     return InprocOptions(nodes=nodes, rounds=o.rounds, task=o.task, fanout=o.fanout, mode="spsa",
                          local_steps=steps, batch_size=o.batch_size, seed=o.seed, eval_samples=o.eval_samples,
-                         final_eval_samples=o.eval_samples, extra={"spsa": spsa})
+                         final_eval_samples=o.eval_samples, extra={"spsa": spsa},
+                         fixed=False)  # this bench drives its own loop, free rounds included
 
 
 def _spsa_nodes(swarm: Any) -> list[SpsaNode]:

@@ -51,8 +51,6 @@ def rounds_to_target(curve: list[float], target: float) -> int | None:
 
 
 def _run(opts: VarianceOptions, seed: int, corrected: bool) -> list[float]:
-    import asyncio
-
     import torch
 
     from p2pnode.inproc import InprocOptions, InprocSwarm
@@ -64,7 +62,7 @@ def _run(opts: VarianceOptions, seed: int, corrected: bool) -> list[float]:
                         variance_correction=corrected, eval_every=1, eval_samples=opts.eval_samples,
                         final_eval_samples=opts.eval_samples)
     swarm = InprocSwarm(run)
-    asyncio.run(swarm.run())
+    swarm.execute()  # one thread: the seed fixes the curve
     return _curve(swarm.rows)
 
 

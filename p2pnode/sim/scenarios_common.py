@@ -4,9 +4,8 @@
   ``Node`` objects, signed envelopes, the in-memory transport) whose membership views are limited to a
   topology's neighbours (:class:`~p2pnode.sim.topology.NeighbourView`), with optional data-less relay
   nodes (they never train, they only merge and forward) and nodes removed for good after a given round.
-  Rounds are synchronous, as in ``run_inproc``. It runs as ``p2pnode simulate`` does, so that a seed
-  fixes the result: on one thread (:func:`~p2pnode.sim.core.inline_loop_factory`), with peer ids
-  derived from the seed, and with each node's peer guard on a clock of :data:`ROUND_S` per round.
+  Rounds are synchronous, as in ``run_inproc``, and a seed fixes the result as in any fixed
+  in-process run (:mod:`p2pnode.inproc`): one thread, peer ids from the seed, round-clock guards.
 - :func:`run_cells`: runs independent cells in a small pool of worker processes (one torch thread each).
 - :class:`PaperFigure`: what a paper reports for one row of a scenario's table, with its source.
 """
@@ -32,19 +31,6 @@ from p2pnode.bench.robustness import targeted_success
 logger = logging.getLogger(__name__)
 
 Adjacency = list[list[int]]
-
-ROUND_S = 1.0  # what one round counts as on the peer guards' clock (rate limits, ban recovery)
-EXCHANGE_TIMEOUT_S = 3600.0  # a round's training runs inline, before the loop can answer a timer
-
-
-class RoundClock:
-    """A clock that advances :data:`ROUND_S` per round, for the peer guards of a scenario swarm."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,13 +93,15 @@ def rounds_to_target(curve: Sequence[float], target: float) -> int | None:
     return next((i + 1 for i, acc in enumerate(curve) if acc >= target), None)
 
 
-async def _drive(swarm: Any, plan: SwarmPlan, directory: Any, clock: RoundClock) -> list[int]:
+async def _drive(swarm: Any, plan: SwarmPlan, directory: Any) -> list[int]:
     """Run every round on the nodes still up; remove ``plan.removed`` after ``plan.remove_after``."""
+    from p2pnode.inproc import ROUND_S
+
     for node in swarm.nodes:
         await node.transport.start(node.serve)
     up = list(range(len(swarm.nodes)))
     for r in range(1, swarm.opts.rounds + 1):
-        clock.now = r * ROUND_S
+        swarm.clock.now = r * ROUND_S
         reports = await asyncio.gather(*(swarm.nodes[i].run_round() for i in up))
         for i, rep in zip(up, reports):
             node = swarm.nodes[i]
@@ -139,16 +127,12 @@ def run_swarm(plan: SwarmPlan) -> dict[str, Any]:
     torch.set_num_threads(1)
     t0 = time.time()
     opts = InprocOptions(**plan.options)
-    swarm = InprocSwarm(opts)
+    swarm = InprocSwarm(opts)  # fixed by default: seeded ids, round-clock guards
     directory = _install_views(swarm, plan.adjacency, opts.seed)
-    clock = RoundClock()
-    for node in swarm.nodes:
-        node.guard.clock = clock
-        node.config.timeouts.exchange = EXCHANGE_TIMEOUT_S
     for i in plan.relays:
         setattr(swarm.nodes[i], "local_training", _no_training)  # noqa: B010 (instance override)
     with asyncio.Runner(loop_factory=inline_loop_factory()) as runner:
-        up = runner.run(_drive(swarm, plan, directory, clock))
+        up = runner.run(_drive(swarm, plan, directory))
     keep = [i for i in up if swarm.nodes[i].role == "honest" and i not in set(plan.relays)]
     accs = [swarm.nodes[i].trainer.evaluate(opts.final_eval_samples)[0] for i in keep]
     result: dict[str, Any] = {

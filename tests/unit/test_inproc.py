@@ -61,3 +61,17 @@ def test_a_failing_cell_is_recorded_with_its_error_not_raised() -> None:
 @pytest.mark.parametrize(("curve", "expected"), [([0.1, 0.5, 0.8, 0.9], 3), ([0.1, 0.2], None), ([0.95], 1)])
 def test_rounds_to_target(curve: list[float], expected: int | None) -> None:
     assert rounds_to_target(curve, 0.8) == expected
+
+
+def test_a_fixed_run_is_fixed_by_its_seed_and_a_threaded_one_still_learns() -> None:
+    def accuracies(seed: int, fixed: bool = True) -> list[float]:
+        opts = InprocOptions(nodes=4, task="digits", defense="median", rounds=3, local_steps=10, seed=seed,
+                             fixed=fixed)
+        return [n["test_accuracy"] for n in run_inproc(opts)["nodes"]]
+
+    first = accuracies(0)
+
+    assert min(first) > 0.6
+    assert accuracies(0) == first
+    assert accuracies(1) != first
+    assert min(accuracies(0, fixed=False)) > 0.6  # worker threads: timing-dependent, still learning

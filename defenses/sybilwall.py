@@ -11,12 +11,13 @@ peer FoolsGold-style by how *unlike* every other known history its own is (DESIG
 
 Histories (choices where the paper leaves room)
 -----------------------------------------------
-Two definitions of "p's update", chosen with ``sybilwall[:relative|weighted|absolute]``:
+Two definitions of "p's update", chosen with ``sybilwall[:weighted|relative|absolute]``:
 
-- ``relative`` (default): what p's model adds to the round's consensus, ``m_p − c(t)``, summed over the
-  rounds p's model arrives: ``h_p = Σ_t (m_p(t) − c(t))``. ``c(t)`` is the coordinate-wise median of
-  this merge's inputs (own model and received ones); with ``weighted``, a weighted median in which our
-  own model counts 1 and each received model its sender's :func:`uniqueness` (see "The reference").
+- ``weighted`` (default) and ``relative``: what p's model adds to the round's consensus, ``m_p − c(t)``,
+  summed over the rounds p's model arrives: ``h_p = Σ_t (m_p(t) − c(t))``. ``c(t)`` is a weighted
+  coordinate-wise median of this merge's inputs (own model and received ones) in which our own model
+  counts 1 and each received model its sender's :func:`uniqueness` (``weighted``, see "The reference"),
+  or their plain median (``relative``).
   This is FoolsGold's client update (client model − global model) with the round's robust consensus in
   the role of the global model. (Our own model alone is no good as the reference: every history would
   share ``−`` our own update and look alike, and a lone dissimilar attacker would then get the highest
@@ -39,8 +40,8 @@ geometric graph a victim merges, each round, all 15 Sybil models against its own
 ones: the median *is* the Sybil model, a Sybil's relative update is then only its private noise
 (uncorrelated across identities), and every Sybil looked unique and got weight 1 — measured at commit
 73055b1: 15 Sybils broke through (worst victim 38.5% of class 0 read as 1, control 5.4%) while 5 did
-not (12.7%). ``sybilwall:weighted`` makes ``c(t)`` a weighted median in which an identity counts by how
-unlike the others it is, never by how many identities there are:
+not (12.7%). ``weighted`` (the default since 2026-11-27) makes ``c(t)`` a weighted median in which an
+identity counts by how unlike the others it is, never by how many identities there are:
 
 - a peer weighed before counts with its :func:`uniqueness` at our last merge (``1 − max_b cs_ab``:
   ~0 for a Sybil whose history has near-identical twins, a share of 1 for an honest peer);
@@ -48,28 +49,27 @@ unlike the others it is, never by how many identities there are:
   (:func:`first_sight_uniqueness`): a Sybil swarm arriving together counts ~0 from its first merge;
 - our own model counts 1.
 
-Near-identical Sybils then share ``S − c(t)``, their histories stay alike, and they stay out. Two
-variants were measured and rejected (``scripts/sybilwall_reference_study.py``: 40 honest, geometric
-graph, 12 rounds, one seed; honest accuracy, then 0→1 success mean / worst node): the *logit*
-SybilWall weight as the count, with newcomers at 0,
-starved the reference (our own model alone at a first merge makes every history share ``−`` our update,
-so 35% of honest peers got weight 0, and it stuck: with 1 Sybil 0.517, 5.5% / 88%); uniqueness with
-newcomers at 0 left 33% of honest peers at 0 after the first merge (1 Sybil 0.596, 1.7% / 11.7%; 15 Sybils
-0.572, 0.9% / 6.5%). This one: 1 Sybil 0.610, 4.8% / 43.6%; 15 Sybils 0.594, 0.7% / 6.5%; the plain
-median: 1 Sybil 0.627, 4.2% / 55.8%; 15 Sybils 0.562, 16.4% / 97.4% (plain mean 0.567, 16.9% / 93.3%).
+Near-identical Sybils then share ``S − c(t)``, their histories stay alike, and they stay out.
 
-It is not the default. On the full sybilwall scenario it held 15 Sybils (worst victim 5.2%) at 6–7
-points of honest accuracy, but on the robustness bench's full-view Sybil table (16 honest, Dirichlet(1),
-fanout 6) one run with 5 Sybils collapsed the whole swarm to chance (0.10, local training diverging),
-where the plain median had held all three Sybil counts at 0.2% with 0.83–0.86 accuracy (at 7895141).
-A re-run of both at 5868638 collapsed the plain median too (1 and 15 Sybils) and `weighted` at 15: the
-collapses (local training diverging, that bench has no gradient clip) are not particular to either
-reference. With a gradient clip of 5 (``scripts/sybil_table_clip_probe.py``, one run per cell) nothing
-collapsed and the two are alike there: 1 / 5 / 15 Sybils 0.16% / 0.18% / 0.21% of class 0 read as 1
-(honest accuracy 0.859 / 0.858 / 0.846) with ``weighted``, 0.19% / 0.11% / 0.29% (0.858 / 0.859 / 0.843)
-with the plain median. So the case against ``weighted`` as the default is gone; what remains is its cost
-on the scenario (3–4 points of honest accuracy below the plain median's). Which is the default is still
-to be decided with a re-run of the scenario and the table under it (BENCHMARKS.md, Sybil table).
+Measured on a cut of the sybilwall scenario (``scripts/sybilwall_reference_study.py``: 40 honest, geometric
+graph, 12 rounds, seed 0, seed-fixed runs at 955c58b; honest accuracy, then 0→1 success mean / worst
+node): ``weighted`` 1 Sybil 0.611, 4.0% / 56.0%, 15 Sybils 0.581, 0.7% / 5.2%; the plain median
+(``relative``) 1 Sybil 0.619, 3.9% / 49.6%, 15 Sybils 0.545, 17.8% / 94.6%. Variants rejected: counts
+normalised by the largest known uniqueness (1 Sybil 0.617; 15 Sybils 0.605 but 3.2% / 90.6%: the
+normalisation lifts Sybils of small non-zero uniqueness back in); the *logit* SybilWall weight as the
+count with newcomers at 0 starved the reference (our own model alone at a first merge makes every
+history share ``−`` our update, so 35% of honest peers got weight 0, and it stuck: 1 Sybil 0.517,
+5.5% / 88%); uniqueness with newcomers at 0 left 33% of honest peers at 0 after the first merge (1 Sybil
+0.596; these two from thread-timed runs before 955c58b).
+
+Why it is the default: on the full sybilwall scenario (99 honest, seed 0) the plain median let 5 and 15
+Sybils through (worst victim 69.5% and 47.8%, worse than a plain mean's 24.5% and 42.4%) where
+``weighted`` held them (6.7%, 5.2%), at 2–3 points of honest accuracy below the plain median's; on the
+robustness bench's full-view Sybil table with a gradient clip of 5 (``scripts/sybil_table_clip_probe.py``)
+the two are alike: 1 / 5 / 15 Sybils 0.16% / 0.18% / 0.21% of class 0 read as 1 (honest accuracy 0.859 /
+0.858 / 0.846) with ``weighted``, 0.19% / 0.11% / 0.29% (0.858 / 0.859 / 0.843) with the plain median.
+Without the clip that table collapses in some runs under either reference (local training diverging;
+BENCHMARKS.md, Sybil table).
 
 - ``h_p`` starts from 0 and only ever adds updates (the reference code starts from the full model,
   which turns ``h_p`` into a model whose shared initialisation dominates every cosine). When the swarm's
@@ -349,10 +349,10 @@ class SybilWall(Aggregator):
     """
 
     name = "sybilwall"
-    MODES = ("relative", "weighted", "absolute")
-    form: ClassVar[str] = "sybilwall[:relative|weighted|absolute] (how a peer's update history is taken)"
+    MODES = ("weighted", "relative", "absolute")
+    form: ClassVar[str] = "sybilwall[:weighted|relative|absolute] (how a peer's update history is taken)"
 
-    def __init__(self, *, max_peers: int = 1024, mode: str = "relative") -> None:
+    def __init__(self, *, max_peers: int = 1024, mode: str = "weighted") -> None:
         if mode not in self.MODES:
             raise ValueError(f"sybilwall mode must be one of {', '.join(self.MODES)}, got {mode!r}")
         self.max_peers = max_peers
@@ -361,10 +361,10 @@ class SybilWall(Aggregator):
 
     @classmethod
     def from_args(cls, args: str) -> Self:
-        """``""`` (relative) or a mode; ``ValueError`` naming the form otherwise."""
+        """``""`` (weighted) or a mode; ``ValueError`` naming the form otherwise."""
         if args and args not in cls.MODES:
             raise ValueError(f"bad argument {args!r}: expected {cls.form}")
-        return cls(mode=args or "relative")
+        return cls(mode=args or "weighted")
 
     def new_state(self) -> SybilWallState:
         return SybilWallState(self.max_peers)

@@ -7,9 +7,9 @@ with M Sybils, fashion-mnist Dirichlet(0.1), fanout 4, 12 rounds x 10 steps, gra
     OMP_NUM_THREADS=1 python scripts/sybilwall_reference_study.py VARIANT SYBILS [--honest 40] [--rounds 12]
 
 VARIANT:
-  current      the code as it is (uniqueness; newcomers by first-sight uniqueness)
+  current      sybilwall:weighted as it is (uniqueness; newcomers by first-sight uniqueness)
   uniq-new0    uniqueness, newcomers count 0
-  uniq-norm    uniqueness over the largest uniqueness among the inputs (own model still 1)
+  uniq-norm    uniqueness over the largest one known (own model still 1; newcomers over their largest)
   logit-new0   the logit SybilWall weight of the last merge, newcomers count 0
   plain        every input counts 1 (the plain median of the inputs: the reference before)
   mean         no SybilWall at all (plain mean merge)
@@ -88,7 +88,8 @@ def main() -> None:
     adj = sybil_topology(ns.honest, ns.sybils, radius, cfg["max_degree"], ns.seed)
     opts = {"nodes": ns.honest + ns.sybils, "byzantine": ns.sybils, "attack": "sybil" if ns.sybils else "",
             "rounds": ns.rounds, "task": cfg["task"], "partition": cfg["partition"], "fanout": cfg["fanout"],
-            "local_steps": cfg["local_steps"], "defense": "mean" if ns.variant == "mean" else "sybilwall",
+            "local_steps": cfg["local_steps"],
+            "defense": "mean" if ns.variant == "mean" else "sybilwall:weighted",
             "seed": ns.seed, "final_eval_samples": cfg["final_eval_samples"],
             "max_grad_norm": cfg["max_grad_norm"]}
     res = run_swarm(SwarmPlan(options=opts, adjacency=adj, measure_targeted=(0, 1)))

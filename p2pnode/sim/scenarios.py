@@ -102,9 +102,9 @@ class Scenario:
     def result(self, cells: list[dict[str, Any]], cfg: dict[str, Any], *, quick: bool,
                seed: int) -> dict[str, Any]:
         """The result dict (table rows with the paper's figures) from finished cells."""
-        rows = [self._row(c, quick) for c in self._post(cells, cfg)]
+        rows = [self._row(c, quick, cfg) for c in self._post(cells, cfg)]
         return {"scenario": self.name, "summary": self.summary, "quick": quick, "seed": seed, "config": cfg,
-                "setting": self._setting(quick), "rows": rows, "cells": cells}
+                "setting": self._setting(quick, cfg), "rows": rows, "cells": cells}
 
     def write(self, result: dict[str, Any], out: Path) -> None:
         """``out/scenario.json`` and, for some scenarios, ``out/scenario.png``."""
@@ -121,8 +121,9 @@ class Scenario:
         self.write(result, out)
         return result
 
-    def _setting(self, quick: bool) -> str:
-        return "quick (scaled-down) run for tests: see config" if quick else self.setting
+    def _setting(self, quick: bool, cfg: dict[str, Any]) -> str:
+        """The setting text, its ``{key}`` fields filled from the run's config (so it cannot go stale)."""
+        return "quick (scaled-down) run for tests: see config" if quick else self.setting.format_map(cfg)
 
     def _post(self, cells: list[dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]]:
         if self.name == "vanishing-variance":
@@ -131,12 +132,12 @@ class Scenario:
             robust.add_ratios(cells)
         return cells
 
-    def _row(self, c: dict[str, Any], quick: bool) -> dict[str, Any]:
+    def _row(self, c: dict[str, Any], quick: bool, cfg: dict[str, Any]) -> dict[str, Any]:
         paper = PAPERS[self.name](c["row"])
         ours = f"error: {c['error']}" if "error" in c else self.ours(c)
         figures = {k: v for k, v in c.items() if k not in ("cfg", "row")}
         return {"scenario": self.name, "row": c["row"], "ours": ours, "paper": paper.value,
-                "paper_source": paper.source, "paper_note": paper.note, "setting": self._setting(quick),
+                "paper_source": paper.source, "paper_note": paper.note, "setting": self._setting(quick, cfg),
                 "figures": figures}
 
 
@@ -147,29 +148,32 @@ def _plain(obj: Any) -> Any:
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("monna", "MoNNA/NNA: n=26, f=5, Dirichlet(1); ALIE, FOE/IPM, sign flip, label flip",
              robust.monna_config, robust.monna_cells, robust.monna_cell, _ours_monna,
-             "fashion-mnist instead of MNIST; every node sees all others and exchanges with 12 random "
-             "peers per round (pull + push, so most of the 25 others reach it); H = 10 local SGD steps "
-             "(heavy-ball momentum 0.9, lr 0.05) per round instead of one Polyak-momentum step; 12 rounds; "
-             "NNA with F = 5"),
+             "fashion-mnist instead of MNIST; every node sees all others and exchanges with {fanout} random "
+             "peers per round (pull + push, so most of the others reach it); H = {local_steps} local SGD "
+             "steps (heavy-ball momentum 0.9, lr 0.05) per round instead of one Polyak-momentum step; "
+             "{rounds} rounds; NNA with F = {f}"),
     Scenario("sybilwall", "SybilWall: 99 honest on a geometric graph (degree <= 7), 1-15 Sybils, 0->1 flip",
              robust.sybilwall_config, robust.sybilwall_cells, robust.sybilwall_cell, _ours_sybil,
-             "fashion-mnist, Dirichlet(0.1) over 100 shards (the attacker's identities share one); random "
-             "geometric graph on 100 positions, radius 0.2, at most 7 neighbours; every Sybil takes the "
-             "attacker position's edges; fanout 4 of the neighbours, H = 5, 12 rounds"),
+             "{task}, {partition} over 100 shards (the attacker's identities share one); random "
+             "geometric graph on 100 positions, radius {radius}, at most {max_degree} neighbours; every "
+             "Sybil takes the attacker position's edges; fanout {fanout} of the neighbours, "
+             "H = {local_steps}, {rounds} rounds, gradient clip {max_grad_norm}"),
     Scenario("bristle", "Bristle: 15 nodes, 5 label flippers, frozen features, non-IID classes",
              robust.bristle_config, robust.bristle_cells, robust.bristle_cell, _ours_bristle,
              "fashion-mnist-transfer (CNN features pretrained on 10k disjoint public images, frozen; only "
-             "the 64x10 head is trained); Dirichlet(0.3) classes; K = fanout 10; 40 rounds, H = 20; "
+             "the 64x10 head is trained); {partition} classes; K = fanout {fanout}; {rounds} rounds, "
+             "H = {local_steps}; "
              "attackers flip every label (l -> 9 - l)"),
     Scenario("vanishing-variance", "gossip with/without variance correction vs federated averaging",
              topo.variance_config, topo.variance_cells, topo.variance_cell, _ours_variance,
-             "fashion-mnist iid, 16 nodes, fanout 2 (full view), H = 20, independent initialisations for "
-             "gossip; FedAvg = increments mode, dense (one shared model and init); target 0.80 honest mean "
-             "accuracy on 1,000 test images, 3 seeds"),
+             "{task} iid, {nodes} nodes, fanout {fanout} (full view), H = {local_steps}, independent "
+             "initialisations for gossip; FedAvg = increments mode, dense (one shared model and init); "
+             "target {target} honest mean accuracy on {eval_samples} test images, 3 seeds"),
     Scenario("disaster", "Barabasi-Albert graph: drop central vs random vs data-less relay nodes",
              topo.disaster_config, topo.disaster_cells, topo.disaster_cell, _ours_disaster,
-             "fashion-mnist iid over all 50 nodes (relays' shards unused); BA m = 2; 5 nodes (10%) removed "
-             "after round 4 of 12; fanout 3 of the neighbours, H = 5; accuracy of the data nodes left"),
+             "{task} iid over all {nodes} nodes (relays' shards unused); BA m = {m}; {remove} nodes removed "
+             "after round {remove_after} of {rounds}; fanout {fanout} of the neighbours, H = {local_steps}; "
+             "accuracy of the data nodes left"),
 )}
 
 

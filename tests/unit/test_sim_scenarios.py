@@ -62,6 +62,18 @@ def test_removing_hubs_of_a_ba_graph_splits_it_more_than_random_removal() -> Non
     assert len(left_hubs[0]) < len(left_rand[0])
 
 
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_a_full_scenarios_setting_text_is_filled_from_its_config(name: str) -> None:
+    scenario = SCENARIOS[name]
+    cfg = scenario.config(False)
+
+    text = scenario._setting(False, cfg)
+
+    assert "{" not in text
+    assert f"{cfg['rounds']} rounds" in text or f"of {cfg['rounds']}" in text or name == "vanishing-variance"
+    assert f"fanout {cfg['fanout']}" in text or f"with {cfg['fanout']} random" in text
+
+
 def test_sybils_take_the_attacker_positions_edges() -> None:
     adj = sybil_topology(honest=30, sybils=3, radius=0.3, max_degree=5, seed=2)
     victims = adj[30]

@@ -656,9 +656,9 @@ def test_newcomers_count_in_the_reference_by_how_unlike_each_others_updates_they
     assert first_sight_uniqueness(honest[:1], own).tolist() == [1.0]
 
 
-def test_the_default_plain_median_reference_is_captured_by_a_majority_of_sybils() -> None:
-    # the documented limitation of sybilwall[:relative] that sybilwall:weighted removes
-    rule, state = SybilWall(), SybilWallState()
+def test_the_plain_median_reference_is_captured_by_a_majority_of_sybils() -> None:
+    # the documented limitation of sybilwall:relative that the default (weighted) reference removes
+    rule, state = SybilWall(mode="relative"), SybilWallState()
     rounds = _merged_swarm(n_honest=4, n_sybils=15, rounds=4, seed=3)
     for r, (own, received) in enumerate(rounds, start=1):
         rule.aggregate(own, received, MergeContext(round=r, state=state, extras={}))
@@ -701,8 +701,10 @@ def test_mode_is_chosen_by_the_spec() -> None:
     from defenses import make_aggregator
 
     assert make_aggregator("sybilwall").relative
-    assert not make_aggregator("sybilwall").weighted_reference
+    assert make_aggregator("sybilwall").weighted_reference  # the default since the sybilwall scenario
     assert make_aggregator("sybilwall:weighted").weighted_reference
+    assert make_aggregator("sybilwall:relative").relative
+    assert not make_aggregator("sybilwall:relative").weighted_reference
     assert not make_aggregator("sybilwall:absolute").relative
-    with pytest.raises(ValueError, match="relative\\|weighted\\|absolute"):
+    with pytest.raises(ValueError, match="weighted\\|relative\\|absolute"):
         make_aggregator("sybilwall:other")

@@ -319,7 +319,7 @@ def configure_logging(level: str) -> None:
 def _cmd_run(ns: argparse.Namespace) -> int:
     config = node_config_from_args(ns)
     configure_logging(config.output.log_level)
-    from p2pnode.node import run_node  # torch and hivemind: only imported when a node really runs
+    from p2pnode.runtime import run_node  # torch and hivemind: only imported when a node really runs
 
     return run_node(config)
 

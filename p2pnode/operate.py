@@ -1,6 +1,6 @@
 """Operating one node process: telemetry, the Prometheus endpoint and operator commands.
 
-:class:`Operations` sits beside the node in :class:`~p2pnode.node.NodeRuntime`. It keeps the latest
+:class:`Operations` sits beside the node in :class:`~p2pnode.runtime.NodeRuntime`. It keeps the latest
 metrics row (it listens to the node's :class:`~p2pnode.outputs.MetricsWriter`), builds the telemetry
 snapshot from it, runs the MQTT link and the Prometheus endpoint when configured, and carries out
 operator commands that pass :class:`~p2pnode.control.CommandVerifier`.

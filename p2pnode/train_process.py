@@ -8,7 +8,7 @@ exchange, and gossip cost 16-31% of local step throughput at H = 20, almost all 
 calls. In a process of its own the training loop has a lock of its own.
 
 The child owns the model, its optimizer and the shard, built exactly as the in-thread trainer is
-(``p2pnode.node._build_trainer``). The parent holds a :class:`TrainerProcess`, which has the
+(``p2pnode.runtime.build_trainer``). The parent holds a :class:`TrainerProcess`, which has the
 :class:`~p2pnode.trainer.LocalTrainer` methods the gossip node calls. Two pipes join them: one carries
 ``train_steps`` calls only, the other every other request. While it trains, the child serves the second
 pipe between two steps, so a merge lands mid-training as it does with the in-thread trainer's per-step lock;
@@ -194,8 +194,8 @@ def _config_layout(config: NodeConfig) -> dict[str, Any]:
 
 def _serve(train_conn: Connection, control_conn: Connection) -> None:
     """The training process's main function."""
-    from p2pnode.node import _build_trainer, lower_thread_priority
     from p2pnode.proc import die_with_parent
+    from p2pnode.runtime import build_trainer, lower_thread_priority
     from p2pnode.trainer import limit_threads
 
     die_with_parent()
@@ -209,7 +209,7 @@ def _serve(train_conn: Connection, control_conn: Connection) -> None:
         limit_threads(config.threads)
         if config.worker_nice:
             lower_thread_priority(config.worker_nice)
-        trainer = _build_trainer(config)
+        trainer = build_trainer(config)
     except Exception as exc:
         _send(control_conn, _error_reply(exc))
         return

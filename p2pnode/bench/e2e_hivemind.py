@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     group = ns.group_size or ns.wait_peers + 1
     task = make_task(ns.task, ns.data_dir)
     data = task.load(ShardSpec(index=shard, count=shards, partition=ns.partition, seed=ns.seed))
-    # the same model, data and sampler seed as a p2pnode node (p2pnode.node._build_trainer)
+    # the same model, data and sampler seed as a p2pnode node (p2pnode.runtime.build_trainer)
     trainer = LocalTrainer(task.build_model(ns.seed), data, lr=ns.lr, momentum=ns.momentum,
                            batch_size=ns.batch_size, device=torch.device("cpu"),
                            seed=ns.seed * 100_003 + shard)

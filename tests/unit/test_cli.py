@@ -34,16 +34,16 @@ def _restore_logging() -> Iterator[None]:
 
 @pytest.fixture
 def fake_node(monkeypatch: pytest.MonkeyPatch) -> list[NodeConfig]:
-    """Stand in for ``p2pnode.node`` (imported lazily by ``run``); records the configs it is given."""
+    """Stand in for ``p2pnode.runtime`` (imported lazily by ``run``); records the configs it is given."""
     seen: list[NodeConfig] = []
-    module = types.ModuleType("p2pnode.node")
+    module = types.ModuleType("p2pnode.runtime")
 
     def run_node(config: NodeConfig) -> int:
         seen.append(config)
         return 0
 
     module.run_node = run_node  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "p2pnode.node", module)
+    monkeypatch.setitem(sys.modules, "p2pnode.runtime", module)
     return seen
 
 
@@ -125,7 +125,7 @@ def test_only_given_flags_override_the_config_file(tmp_path: Path, fake_node: li
 
 
 def test_run_returns_the_node_exit_code(monkeypatch: pytest.MonkeyPatch, fake_node: list[NodeConfig]) -> None:
-    monkeypatch.setattr(sys.modules["p2pnode.node"], "run_node", lambda config: 3)
+    monkeypatch.setattr(sys.modules["p2pnode.runtime"], "run_node", lambda config: 3)
     assert cli.main(["run"]) == 3
 
 
@@ -186,7 +186,7 @@ def test_node_errors_are_one_line_and_exit_1(monkeypatch: pytest.MonkeyPatch, fa
     def broken(config: NodeConfig) -> int:
         raise TaskError("fashion-mnist: no IDX files in /nowhere")
 
-    monkeypatch.setattr(sys.modules["p2pnode.node"], "run_node", broken)
+    monkeypatch.setattr(sys.modules["p2pnode.runtime"], "run_node", broken)
     assert cli.main(["run"]) == 1
     assert capsys.readouterr().err == "p2pnode: error: fashion-mnist: no IDX files in /nowhere\n"
 

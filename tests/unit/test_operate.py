@@ -12,9 +12,9 @@ import torch
 from p2pnode.checkpoint import CheckpointError, load_checkpoint
 from p2pnode.control import sign_command
 from p2pnode.identity import Identity
-from p2pnode.node import resume_from_checkpoint
 from p2pnode.operate import Operations
 from p2pnode.outputs import MetricsWriter
+from p2pnode.runtime import resume_from_checkpoint
 from p2pnode.telemetry import TELEMETRY_KEYS
 from p2pnode.transport import MemoryNetwork
 from tests.unit.test_node import _node, _pair

@@ -15,7 +15,8 @@ import pytest
 
 from p2pnode.errors import MessageRejected
 from p2pnode.identity import Identity
-from p2pnode.node import KIND_PING, KIND_PONG, lower_thread_priority
+from p2pnode.node import KIND_PING, KIND_PONG
+from p2pnode.runtime import lower_thread_priority
 from p2pnode.transport import MemoryNetwork
 from protocols.envelope import open_envelope, seal
 from tests.unit.test_join import _node

@@ -14,7 +14,7 @@ import torch
 
 from p2pnode.config import NodeConfig, OutputConfig, TaskConfig, config_from_dict
 from p2pnode.errors import ConfigError, TaskError, TrainProcessError
-from p2pnode.node import _build_trainer
+from p2pnode.runtime import build_trainer
 from p2pnode.tasks import make_task
 from p2pnode.train_process import TrainerProcess, _config_layout, main
 
@@ -35,7 +35,7 @@ def child() -> Iterator[TrainerProcess]:
 
 def test_the_child_trains_exactly_as_the_in_thread_trainer_does(child: TrainerProcess) -> None:
     torch.set_num_threads(1)
-    local = _build_trainer(CFG)
+    local = build_trainer(CFG)
     child.load_state_dict(local.state_dict())  # the module's child may have trained in another test
     assert child.num_params == local.num_params
     assert child.num_classes == local.num_classes == 10
@@ -147,7 +147,7 @@ def test_a_trainer_that_cannot_be_built_raises_its_error_at_wait_ready() -> None
     # 2,000 shards of digits' 1,437 training images: shard 1,999 is empty
     cfg = NodeConfig(device="cpu", threads=1, task=TaskConfig(name="digits", shard=1999, num_shards=2000))
     with pytest.raises(TaskError, match="empty"):
-        _build_trainer(cfg)
+        build_trainer(cfg)
     trainer = _start(cfg)
     try:
         with pytest.raises(TaskError, match="empty"):
@@ -188,9 +188,10 @@ def test_a_node_trains_merges_checkpoints_and_resumes_through_a_training_process
     from defenses import make_aggregator
     from p2pnode.checkpoint import load_checkpoint
     from p2pnode.identity import Identity
-    from p2pnode.node import Node, resume_from_checkpoint
+    from p2pnode.node import Node
     from p2pnode.operate import Operations
     from p2pnode.outputs import MetricsWriter
+    from p2pnode.runtime import resume_from_checkpoint
     from p2pnode.transport import MemoryNetwork, MemoryTransport
     from tests.unit.test_node import StaticView, _node, _record
 

@@ -235,6 +235,21 @@ def weighted_median(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     return (values.gather(0, lower) + values.gather(0, upper)).squeeze(0) / 2
 
 
+def bound_to_center(stacked: torch.Tensor, center: torch.Tensor, counts: torch.Tensor,
+                    factor: float) -> torch.Tensor:
+    """Rows of ``stacked`` ``(n, d)`` pulled toward ``center`` ``(d,)`` so that none lies farther from it
+    than ``factor`` × the weighted median (weights ``counts`` ``(n,)``) of the rows' distances to it.
+
+    A row within the bound is returned unchanged; one beyond it keeps its direction from ``center``.
+    Returns a new ``(n, d)`` tensor.
+    """
+    dev = stacked - center  # (n, d)
+    dist = dev.norm(dim=1).double()  # (n,)
+    tau = factor * weighted_median(dist[:, None], counts)[0]
+    scale = torch.where(dist > tau, tau / dist.clamp_min(torch.finfo(torch.float64).tiny), 1.0)  # (n,)
+    return center + dev * scale.to(dev.dtype)[:, None]
+
+
 def weighted_merge(own: torch.Tensor, models: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``(own + Σ_k w_k models_k) / (1 + Σ_k w_k)``: own weight 1, row ``k`` weighted by ``weights[k]``.
 
@@ -352,10 +367,13 @@ class SybilWall(Aggregator):
     MODES = ("weighted", "relative", "absolute")
     form: ClassVar[str] = "sybilwall[:weighted|relative|absolute] (how a peer's update history is taken)"
 
-    def __init__(self, *, max_peers: int = 1024, mode: str = "weighted") -> None:
+    def __init__(self, *, max_peers: int = 1024, mode: str = "weighted", bound: float = 0.0) -> None:
         if mode not in self.MODES:
             raise ValueError(f"sybilwall mode must be one of {', '.join(self.MODES)}, got {mode!r}")
+        if bound < 0 or (0 < bound < 1):
+            raise ValueError(f"sybilwall bound must be 0 (off) or >= 1, got {bound}")
         self.max_peers = max_peers
+        self.bound = bound  # > 0: merged models at most bound x the typical distance from the reference
         self.relative = mode in ("relative", "weighted")
         self.weighted_reference = mode == "weighted"
 
@@ -381,6 +399,7 @@ class SybilWall(Aggregator):
         base = context.extras.get("base")
         base = None if base is None else _checked(base, own, "base")
         center = None
+        trust = torch.ones(stacked.shape[0], dtype=torch.float64)  # (1 + k,)
         if self.weighted_reference:  # each input counted by its uniqueness ("The reference")
             trust = torch.tensor([1.0, *(state.trust(p) for p in received)], dtype=torch.float64)  # (1 + k,)
             new = torch.tensor([False, *(p not in state.uniqueness for p in received)])  # (1 + k,)
@@ -394,7 +413,10 @@ class SybilWall(Aggregator):
         weights, unique = self.peer_scores(state, context.extras.get("records", {}), own)
         state.uniqueness.update((p, unique[p]) for p in state.histories)
         w = torch.tensor([weights.get(peer, 0.0) for peer in received], dtype=torch.float64)  # (k,)
-        return weighted_merge(own, stacked[1:], w)
+        models = stacked[1:]  # (k, d)
+        if self.bound > 0 and center is not None:  # sizes, which the weights do not judge
+            models = bound_to_center(stacked, center, trust, self.bound)[1:]
+        return weighted_merge(own, models, w)
 
     @staticmethod
     def peer_weights(state: SybilWallState, records: Mapping[str, torch.Tensor],

@@ -5,6 +5,10 @@ random geometric graph (radius scaled from the scenario's 0.2 at 99 nodes), degr
 with M Sybils, fashion-mnist Dirichlet(0.1), fanout 4, 12 rounds x 10 steps, gradient clip 5, seed 0.
 
     OMP_NUM_THREADS=1 python scripts/sybilwall_reference_study.py VARIANT SYBILS [--honest 40] [--rounds 12]
+        [--attack sybil:0,1,BOOST] [--bound F]
+
+``--bound F`` runs SybilWall with ``bound=F`` (merged models at most F x the trust-weighted median distance
+from the reference; 0: off).
 
 VARIANT:
   current      sybilwall:weighted as it is (uniqueness; newcomers by first-sight uniqueness)
@@ -42,7 +46,16 @@ def main() -> None:
     p.add_argument("--honest", type=int, default=40)
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attack", default="sybil")
+    p.add_argument("--bound", type=float, default=0.0)
     ns = p.parse_args()
+    if ns.bound:
+        init = sw.SybilWall.__init__
+
+        def bounded_init(self: Any, **kw: Any) -> None:
+            init(self, **{**kw, "bound": ns.bound})
+
+        sw.SybilWall.__init__ = bounded_init  # type: ignore[method-assign]
 
     last_weights: dict[int, dict[str, float]] = {}  # id(state) -> merge weights of its last merge
     zero_share: dict[int, list[float]] = collections.defaultdict(list)  # round -> share per merge
@@ -86,7 +99,7 @@ def main() -> None:
     cfg = sybilwall_config(False)
     radius = cfg["radius"] * (99 / ns.honest) ** 0.5
     adj = sybil_topology(ns.honest, ns.sybils, radius, cfg["max_degree"], ns.seed)
-    opts = {"nodes": ns.honest + ns.sybils, "byzantine": ns.sybils, "attack": "sybil" if ns.sybils else "",
+    opts = {"nodes": ns.honest + ns.sybils, "byzantine": ns.sybils, "attack": ns.attack if ns.sybils else "",
             "rounds": ns.rounds, "task": cfg["task"], "partition": cfg["partition"], "fanout": cfg["fanout"],
             "local_steps": cfg["local_steps"],
             "defense": "mean" if ns.variant == "mean" else "sybilwall:weighted",
@@ -94,7 +107,8 @@ def main() -> None:
             "max_grad_norm": cfg["max_grad_norm"]}
     res = run_swarm(SwarmPlan(options=opts, adjacency=adj, measure_targeted=(0, 1)))
     keys = ("honest_accuracy_mean", "honest_accuracy_min", "targeted_success_mean", "targeted_success_max")
-    print(json.dumps({"variant": ns.variant, "sybils": ns.sybils, "attack_edges": len(adj[ns.honest]) if
+    print(json.dumps({"variant": ns.variant, "sybils": ns.sybils, "attack": ns.attack, "bound": ns.bound,
+                      "attack_edges": len(adj[ns.honest]) if
                       ns.sybils else 0, **{k: round(res[k], 4) for k in keys},
                       "zero_weight_share_by_round": {r: round(statistics.fmean(v), 3)
                                                      for r, v in sorted(zero_share.items())}}))

@@ -54,17 +54,29 @@ Near-identical Sybils then share ``S − c(t)``, their histories stay alike, and
 Measured on a cut of the sybilwall scenario (``scripts/sybilwall_reference_study.py``: 40 honest, geometric
 graph, 12 rounds, seed 0, seed-fixed runs at 955c58b; honest accuracy, then 0→1 success mean / worst
 node): ``weighted`` 1 Sybil 0.611, 4.0% / 56.0%, 15 Sybils 0.581, 0.7% / 5.2%; the plain median
-(``relative``) 1 Sybil 0.619, 3.9% / 49.6%, 15 Sybils 0.545, 17.8% / 94.6%. Variants rejected: counts
-normalised by the largest known uniqueness (1 Sybil 0.617; 15 Sybils 0.605 but 3.2% / 90.6%: the
-normalisation lifts Sybils of small non-zero uniqueness back in); the *logit* SybilWall weight as the
-count with newcomers at 0 starved the reference (our own model alone at a first merge makes every
-history share ``−`` our update, so 35% of honest peers got weight 0, and it stuck: 1 Sybil 0.517,
-5.5% / 88%); uniqueness with newcomers at 0 left 33% of honest peers at 0 after the first merge (1 Sybil
-0.596; these two from thread-timed runs before 955c58b).
+(``relative``) 1 Sybil 0.619, 3.9% / 49.6%, 15 Sybils 0.545, 17.8% / 94.6%. Our own model counting 1,
+more than any received input, is what keeps the Sybils out, and what costs low-degree nodes: at a node
+with one or two honest neighbours the reference is close to its own model, its neighbours' histories
+share ``−`` its update, and FoolsGold's logit can zero them (worst honest node 0.369 against the plain
+median's 0.441 at 1 Sybil; 0.173 against 0.44–0.51 on the full scenario's seed 1). Two ways of
+counting our own model for less were measured and rejected: as the largest trust among the merge's
+received inputs (``own-max``: 1 Sybil 0.619, worst honest node 0.449; but 15 Sybils 3.8% / **90.5%**),
+and every count over the largest known uniqueness, which is the same up to scale (1 Sybil 0.617; 15
+Sybils 0.605, 3.2% / 90.6%). A bound on the size of merged models (each at most F × the trust-weighted
+median distance from the reference, against boosted Sybils, commit 016df95, reverted) did
+nothing where the weights already hold: with Sybils boosted 4× (``sybil:0,1,4``, 15 Sybils) the rule
+without it gives 0.584, 0.8% / 5.8% (plain mean 0.498, 26% / 98%); F = 1 0.582, 0.8% / 3.2%; F = 2
+0.558, 0.5% / 3.1%; and F = 2 costs 2 points with 1 Sybil (0.590). Also rejected: the *logit*
+SybilWall weight as the count with newcomers at 0 starved the reference (our own model alone at a
+first merge makes every history share ``−`` our update, so 35% of honest peers got weight 0, and it
+stuck: 1 Sybil 0.517, 5.5% / 88%); uniqueness with newcomers at 0 left 33% of honest peers at 0 after
+the first merge (1 Sybil 0.596; these two from thread-timed runs before 955c58b).
 
 Why it is the default: on the full sybilwall scenario (99 honest, seed 0) the plain median let 5 and 15
 Sybils through (worst victim 69.5% and 47.8%, worse than a plain mean's 24.5% and 42.4%) where
-``weighted`` held them (6.7%, 5.2%), at 2–3 points of honest accuracy below the plain median's; on the
+``weighted`` held them (6.7%, 5.2%), at 3 points of honest accuracy below the plain median's; at seed 1
+(a weaker attack: ``mean``'s worst victim 15.4% and 8.0%) both held (plain median 1.8% / 4.9%,
+``weighted`` 3.7% / 5.1%), ``weighted`` 2–3 points below, with one honest node stuck at 0.173; on the
 robustness bench's full-view Sybil table with a gradient clip of 5 (``scripts/sybil_table_clip_probe.py``)
 the two are alike: 1 / 5 / 15 Sybils 0.16% / 0.18% / 0.21% of class 0 read as 1 (honest accuracy 0.859 /
 0.858 / 0.846) with ``weighted``, 0.19% / 0.11% / 0.29% (0.858 / 0.859 / 0.843) with the plain median.
@@ -205,6 +217,12 @@ def first_sight_uniqueness(models: torch.Tensor, own: torch.Tensor) -> torch.Ten
     return sybilwall_scores(models - own)[1]
 
 
+def reference_counts(trust: torch.Tensor) -> torch.Tensor:
+    """What each input counts for in the weighted reference, from ``trust`` ``(1 + k,)``: our own model
+    (row 0) counts 1, each received one its sender's trust. Returns ``trust``."""
+    return trust
+
+
 def weighted_median(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Coordinate-wise weighted median ``(d,)`` of the rows of ``stacked`` ``(n, d)``, weights ``(n,)``.
 
@@ -233,21 +251,6 @@ def weighted_median(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     lower = (cum < half - tol).sum(dim=0, keepdim=True)  # (1, d): first index reaching half
     upper = (cum <= half + tol).sum(dim=0, keepdim=True).clamp_(max=rows.shape[0] - 1)  # (1, d): next
     return (values.gather(0, lower) + values.gather(0, upper)).squeeze(0) / 2
-
-
-def bound_to_center(stacked: torch.Tensor, center: torch.Tensor, counts: torch.Tensor,
-                    factor: float) -> torch.Tensor:
-    """Rows of ``stacked`` ``(n, d)`` pulled toward ``center`` ``(d,)`` so that none lies farther from it
-    than ``factor`` × the weighted median (weights ``counts`` ``(n,)``) of the rows' distances to it.
-
-    A row within the bound is returned unchanged; one beyond it keeps its direction from ``center``.
-    Returns a new ``(n, d)`` tensor.
-    """
-    dev = stacked - center  # (n, d)
-    dist = dev.norm(dim=1).double()  # (n,)
-    tau = factor * weighted_median(dist[:, None], counts)[0]
-    scale = torch.where(dist > tau, tau / dist.clamp_min(torch.finfo(torch.float64).tiny), 1.0)  # (n,)
-    return center + dev * scale.to(dev.dtype)[:, None]
 
 
 def weighted_merge(own: torch.Tensor, models: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -367,13 +370,10 @@ class SybilWall(Aggregator):
     MODES = ("weighted", "relative", "absolute")
     form: ClassVar[str] = "sybilwall[:weighted|relative|absolute] (how a peer's update history is taken)"
 
-    def __init__(self, *, max_peers: int = 1024, mode: str = "weighted", bound: float = 0.0) -> None:
+    def __init__(self, *, max_peers: int = 1024, mode: str = "weighted") -> None:
         if mode not in self.MODES:
             raise ValueError(f"sybilwall mode must be one of {', '.join(self.MODES)}, got {mode!r}")
-        if bound < 0 or (0 < bound < 1):
-            raise ValueError(f"sybilwall bound must be 0 (off) or >= 1, got {bound}")
         self.max_peers = max_peers
-        self.bound = bound  # > 0: merged models at most bound x the typical distance from the reference
         self.relative = mode in ("relative", "weighted")
         self.weighted_reference = mode == "weighted"
 
@@ -399,13 +399,12 @@ class SybilWall(Aggregator):
         base = context.extras.get("base")
         base = None if base is None else _checked(base, own, "base")
         center = None
-        trust = torch.ones(stacked.shape[0], dtype=torch.float64)  # (1 + k,)
         if self.weighted_reference:  # each input counted by its uniqueness ("The reference")
             trust = torch.tensor([1.0, *(state.trust(p) for p in received)], dtype=torch.float64)  # (1 + k,)
             new = torch.tensor([False, *(p not in state.uniqueness for p in received)])  # (1 + k,)
             if new.any():
                 trust[new] = first_sight_uniqueness(stacked[1:], own)[new[1:]]
-            center = weighted_median(stacked, trust)  # (d,)
+            center = weighted_median(stacked, reference_counts(trust))  # (d,)
         elif self.relative:  # the round's robust consensus (module docstring)
             center = stacked.median(dim=0).values  # (d,)
         for peer, model in received.items():
@@ -413,10 +412,7 @@ class SybilWall(Aggregator):
         weights, unique = self.peer_scores(state, context.extras.get("records", {}), own)
         state.uniqueness.update((p, unique[p]) for p in state.histories)
         w = torch.tensor([weights.get(peer, 0.0) for peer in received], dtype=torch.float64)  # (k,)
-        models = stacked[1:]  # (k, d)
-        if self.bound > 0 and center is not None:  # sizes, which the weights do not judge
-            models = bound_to_center(stacked, center, trust, self.bound)[1:]
-        return weighted_merge(own, models, w)
+        return weighted_merge(own, stacked[1:], w)
 
     @staticmethod
     def peer_weights(state: SybilWallState, records: Mapping[str, torch.Tensor],

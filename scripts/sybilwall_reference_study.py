@@ -5,15 +5,12 @@ random geometric graph (radius scaled from the scenario's 0.2 at 99 nodes), degr
 with M Sybils, fashion-mnist Dirichlet(0.1), fanout 4, 12 rounds x 10 steps, gradient clip 5, seed 0.
 
     OMP_NUM_THREADS=1 python scripts/sybilwall_reference_study.py VARIANT SYBILS [--honest 40] [--rounds 12]
-        [--attack sybil:0,1,BOOST] [--bound F]
-
-``--bound F`` runs SybilWall with ``bound=F`` (merged models at most F x the trust-weighted median distance
-from the reference; 0: off).
 
 VARIANT:
   current      sybilwall:weighted as it is (uniqueness; newcomers by first-sight uniqueness)
   uniq-new0    uniqueness, newcomers count 0
   uniq-norm    uniqueness over the largest one known (own model still 1; newcomers over their largest)
+  own-max      own model counts the largest trust among the merge's received inputs (not 1)
   logit-new0   the logit SybilWall weight of the last merge, newcomers count 0
   plain        every input counts 1 (the plain median of the inputs: the reference before)
   mean         no SybilWall at all (plain mean merge)
@@ -36,7 +33,7 @@ import defenses.sybilwall as sw
 from p2pnode.sim.scenarios_common import SwarmPlan, run_swarm
 from p2pnode.sim.scenarios_robust import sybil_topology, sybilwall_config
 
-VARIANTS = ("current", "uniq-norm", "uniq-new0", "logit-new0", "plain", "mean")
+VARIANTS = ("current", "uniq-norm", "own-max", "uniq-new0", "logit-new0", "plain", "mean")
 
 
 def main() -> None:
@@ -46,16 +43,7 @@ def main() -> None:
     p.add_argument("--honest", type=int, default=40)
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attack", default="sybil")
-    p.add_argument("--bound", type=float, default=0.0)
     ns = p.parse_args()
-    if ns.bound:
-        init = sw.SybilWall.__init__
-
-        def bounded_init(self: Any, **kw: Any) -> None:
-            init(self, **{**kw, "bound": ns.bound})
-
-        sw.SybilWall.__init__ = bounded_init  # type: ignore[method-assign]
 
     last_weights: dict[int, dict[str, float]] = {}  # id(state) -> merge weights of its last merge
     zero_share: dict[int, list[float]] = collections.defaultdict(list)  # round -> share per merge
@@ -92,6 +80,12 @@ def main() -> None:
 
         sw.first_sight_uniqueness = normed_first
         sw.SybilWallState.trust = normed_trust
+    if ns.variant == "own-max":
+        def own_max(trust: torch.Tensor) -> torch.Tensor:
+            top = float(trust[1:].max()) if trust.numel() > 1 else 0.0
+            return torch.cat([trust.new_tensor([top if top > 0 else 1.0]), trust[1:]])
+
+        sw.reference_counts = own_max
     if ns.variant == "plain":
         sw.SybilWallState.trust = lambda self, peer: 1.0
         sw.first_sight_uniqueness = lambda models, own: torch.ones(models.shape[0], dtype=torch.float64)
@@ -99,7 +93,7 @@ def main() -> None:
     cfg = sybilwall_config(False)
     radius = cfg["radius"] * (99 / ns.honest) ** 0.5
     adj = sybil_topology(ns.honest, ns.sybils, radius, cfg["max_degree"], ns.seed)
-    opts = {"nodes": ns.honest + ns.sybils, "byzantine": ns.sybils, "attack": ns.attack if ns.sybils else "",
+    opts = {"nodes": ns.honest + ns.sybils, "byzantine": ns.sybils, "attack": "sybil" if ns.sybils else "",
             "rounds": ns.rounds, "task": cfg["task"], "partition": cfg["partition"], "fanout": cfg["fanout"],
             "local_steps": cfg["local_steps"],
             "defense": "mean" if ns.variant == "mean" else "sybilwall:weighted",
@@ -107,8 +101,7 @@ def main() -> None:
             "max_grad_norm": cfg["max_grad_norm"]}
     res = run_swarm(SwarmPlan(options=opts, adjacency=adj, measure_targeted=(0, 1)))
     keys = ("honest_accuracy_mean", "honest_accuracy_min", "targeted_success_mean", "targeted_success_max")
-    print(json.dumps({"variant": ns.variant, "sybils": ns.sybils, "attack": ns.attack, "bound": ns.bound,
-                      "attack_edges": len(adj[ns.honest]) if
+    print(json.dumps({"variant": ns.variant, "sybils": ns.sybils, "attack_edges": len(adj[ns.honest]) if
                       ns.sybils else 0, **{k: round(res[k], 4) for k in keys},
                       "zero_weight_share_by_round": {r: round(statistics.fmean(v), 3)
                                                      for r, v in sorted(zero_share.items())}}))

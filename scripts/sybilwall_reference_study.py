@@ -11,6 +11,8 @@ VARIANT:
   uniq-new0    uniqueness, newcomers count 0
   uniq-norm    uniqueness over the largest one known (own model still 1; newcomers over their largest)
   own-max      own model counts the largest trust among the merge's received inputs (not 1)
+  centered     cosines of histories minus their mean (3 or more histories): a component every history
+               shares (our own update, through the reference) no longer makes honest peers look alike
   logit-new0   the logit SybilWall weight of the last merge, newcomers count 0
   plain        every input counts 1 (the plain median of the inputs: the reference before)
   mean         no SybilWall at all (plain mean merge)
@@ -33,7 +35,7 @@ import defenses.sybilwall as sw
 from p2pnode.sim.scenarios_common import SwarmPlan, run_swarm
 from p2pnode.sim.scenarios_robust import sybil_topology, sybilwall_config
 
-VARIANTS = ("current", "uniq-norm", "own-max", "uniq-new0", "logit-new0", "plain", "mean")
+VARIANTS = ("current", "uniq-norm", "own-max", "centered", "uniq-new0", "logit-new0", "plain", "mean")
 
 
 def main() -> None:
@@ -86,6 +88,19 @@ def main() -> None:
             return torch.cat([trust.new_tensor([top if top > 0 else 1.0]), trust[1:]])
 
         sw.reference_counts = own_max
+    if ns.variant == "centered":
+        cosine = sw.cosine_matrix
+
+        def centered_cosine(histories: torch.Tensor) -> torch.Tensor:
+            if histories.shape[0] < 3:
+                return cosine(histories)
+            centered = histories - histories.mean(dim=0, keepdim=True)
+            live = centered.norm(dim=1) > 0
+            if not bool(live.all()):
+                return cosine(histories)
+            return cosine(centered)
+
+        sw.cosine_matrix = centered_cosine
     if ns.variant == "plain":
         sw.SybilWallState.trust = lambda self, peer: 1.0
         sw.first_sight_uniqueness = lambda models, own: torch.ones(models.shape[0], dtype=torch.float64)

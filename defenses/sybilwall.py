@@ -51,26 +51,27 @@ identity counts by how unlike the others it is, never by how many identities the
 
 Near-identical Sybils then share ``S − c(t)``, their histories stay alike, and they stay out.
 
-Measured on a cut of the sybilwall scenario (``scripts/sybilwall_reference_study.py``: 40 honest, geometric
-graph, 12 rounds, seed 0, seed-fixed runs at 955c58b; honest accuracy, then 0→1 success mean / worst
-node): ``weighted`` 1 Sybil 0.611, 4.0% / 56.0%, 15 Sybils 0.581, 0.7% / 5.2%; the plain median
-(``relative``) 1 Sybil 0.619, 3.9% / 49.6%, 15 Sybils 0.545, 17.8% / 94.6%. Our own model counting 1,
-more than any received input, is what keeps the Sybils out, and what costs low-degree nodes: at a node
-with one or two honest neighbours the reference is close to its own model, its neighbours' histories
-share ``−`` its update, and FoolsGold's logit can zero them (worst honest node 0.369 against the plain
-median's 0.441 at 1 Sybil; 0.173 against 0.44–0.51 on the full scenario's seed 1). Two ways of
-counting our own model for less were measured and rejected: as the largest trust among the merge's
-received inputs (``own-max``: 1 Sybil 0.619, worst honest node 0.449; but 15 Sybils 3.8% / **90.5%**),
-and every count over the largest known uniqueness, which is the same up to scale (1 Sybil 0.617; 15
-Sybils 0.605, 3.2% / 90.6%). A bound on the size of merged models (each at most F × the trust-weighted
-median distance from the reference, against boosted Sybils, commit 016df95, reverted) did
-nothing where the weights already hold: with Sybils boosted 4× (``sybil:0,1,4``, 15 Sybils) the rule
-without it gives 0.584, 0.8% / 5.8% (plain mean 0.498, 26% / 98%); F = 1 0.582, 0.8% / 3.2%; F = 2
-0.558, 0.5% / 3.1%; and F = 2 costs 2 points with 1 Sybil (0.590). Also rejected: the *logit*
-SybilWall weight as the count with newcomers at 0 starved the reference (our own model alone at a
-first merge makes every history share ``−`` our update, so 35% of honest peers got weight 0, and it
-stuck: 1 Sybil 0.517, 5.5% / 88%); uniqueness with newcomers at 0 left 33% of honest peers at 0 after
-the first merge (1 Sybil 0.596; these two from thread-timed runs before 955c58b).
+Measured on a cut of the sybilwall scenario (``scripts/sybilwall_reference_study.py``: 40 honest,
+geometric graph, 12 rounds, seed 0, seed-fixed runs at 955c58b; honest accuracy, then 0→1 success mean /
+worst node): ``weighted`` 1 Sybil 0.611, 4.0% / 56.0%, 15 Sybils 0.581, 0.7% / 5.2%; the plain median
+(``relative``) 1 Sybil 0.619, 3.9% / 49.6%, 15 Sybils 0.545, 17.8% / 94.6%. Our own model counting 1, more
+than any received input, is what keeps the Sybils out, and what costs low-degree nodes: at a node with one
+or two honest neighbours the reference is close to its own model, its neighbours' histories share ``−``
+its update, and FoolsGold's logit can zero them (worst honest node 0.369 against the plain median's 0.441
+at 1 Sybil; 0.173 against 0.44–0.51 on the full scenario's seed 1). Two ways of counting our own model for
+less were measured and rejected: as the largest trust among the merge's received inputs (``own-max``: 1
+Sybil 0.619, worst honest node 0.449; but 15 Sybils 3.8% / **90.5%**), and every count over the largest
+known uniqueness, which is the same up to scale (1 Sybil 0.617; 15 Sybils 0.605, 3.2% / 90.6%). Nor does
+centering the histories before the cosines (removing the component every history shares): 1 Sybil 0.621,
+worst honest node 0.448; 15 Sybils 15.2% / 93.4%. A bound on the size of merged models (each at most F ×
+the trust-weighted median distance from the reference, against boosted Sybils, commit 016df95, reverted)
+did nothing where the weights already hold: with Sybils boosted 4× (``sybil:0,1,4``, 15 Sybils) the rule
+without it gives 0.584, 0.8% / 5.8% (plain mean 0.498, 26% / 98%); F = 1 0.582, 0.8% / 3.2%; F = 2 0.558,
+0.5% / 3.1%; and F = 2 costs 2 points with 1 Sybil (0.590). Also rejected: the *logit* SybilWall weight as
+the count with newcomers at 0 starved the reference (our own model alone at a first merge makes every
+history share ``−`` our update, so 35% of honest peers got weight 0, and it stuck: 1 Sybil 0.517, 5.5% /
+88%); uniqueness with newcomers at 0 left 33% of honest peers at 0 after the first merge (1 Sybil 0.596;
+these two from thread-timed runs before 955c58b).
 
 Why it is the default: on the full sybilwall scenario (99 honest, seed 0) the plain median let 5 and 15
 Sybils through (worst victim 69.5% and 47.8%, worse than a plain mean's 24.5% and 42.4%) where

@@ -56,9 +56,10 @@ def sybilwall_config(quick: bool) -> dict[str, Any]:
     return {"honest": 99, "task": "fashion-mnist", "rounds": 30, "local_steps": 10, "fanout": 4,
             "radius": 0.2, "max_degree": 7, "partition": "dirichlet:0.1", "final_eval_samples": 1000,
             "max_grad_norm": 5.0, "sybils": SYBIL_COUNTS,
-            # the plain-median reference (sybilwall:relative) is captured by 5 and 15 Sybils here; the
-            # weighted one, the default, is not (docs/sim/scenarios.md). Stored runs: cad9d68 (all three,
-            # seed-fixed, rows relabelled to today's names), 73055b1 (plain), c7adca2 (weighted)
+            # the plain-median reference (sybilwall:relative) was captured by 5 and 15 Sybils here at seed 0
+            # (not at seed 1); the weighted one, the default, at neither (docs/sim/scenarios.md). Stored
+            # runs: cad9d68 (seed 0, all three, rows relabelled to today's names), 55ef9ad (seed 1),
+            # 73055b1 (plain), c7adca2 (weighted)
             "defenses": ("mean", "sybilwall:relative", "sybilwall")}
 
 

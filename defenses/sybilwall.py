@@ -218,12 +218,6 @@ def first_sight_uniqueness(models: torch.Tensor, own: torch.Tensor) -> torch.Ten
     return sybilwall_scores(models - own)[1]
 
 
-def reference_counts(trust: torch.Tensor) -> torch.Tensor:
-    """What each input counts for in the weighted reference, from ``trust`` ``(1 + k,)``: our own model
-    (row 0) counts 1, each received one its sender's trust. Returns ``trust``."""
-    return trust
-
-
 def weighted_median(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Coordinate-wise weighted median ``(d,)`` of the rows of ``stacked`` ``(n, d)``, weights ``(n,)``.
 
@@ -405,7 +399,7 @@ class SybilWall(Aggregator):
             new = torch.tensor([False, *(p not in state.uniqueness for p in received)])  # (1 + k,)
             if new.any():
                 trust[new] = first_sight_uniqueness(stacked[1:], own)[new[1:]]
-            center = weighted_median(stacked, reference_counts(trust))  # (d,)
+            center = weighted_median(stacked, trust)  # (d,)
         elif self.relative:  # the round's robust consensus (module docstring)
             center = stacked.median(dim=0).values  # (d,)
         for peer, model in received.items():

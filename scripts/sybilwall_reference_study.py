@@ -83,11 +83,13 @@ def main() -> None:
         sw.first_sight_uniqueness = normed_first
         sw.SybilWallState.trust = normed_trust
     if ns.variant == "own-max":
-        def own_max(trust: torch.Tensor) -> torch.Tensor:
-            top = float(trust[1:].max()) if trust.numel() > 1 else 0.0
-            return torch.cat([trust.new_tensor([top if top > 0 else 1.0]), trust[1:]])
+        median = sw.weighted_median  # the reference's only caller: row 0 is our own model
 
-        sw.reference_counts = own_max
+        def own_max_median(stacked: torch.Tensor, trust: torch.Tensor) -> torch.Tensor:
+            top = float(trust[1:].max()) if trust.numel() > 1 else 0.0
+            return median(stacked, torch.cat([trust.new_tensor([top if top > 0 else 1.0]), trust[1:]]))
+
+        sw.weighted_median = own_max_median
     if ns.variant == "centered":
         cosine = sw.cosine_matrix
 

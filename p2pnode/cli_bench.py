@@ -48,6 +48,8 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--task", default=d.task, help=f"task (default {d.task})")
     p.add_argument("--partition", default=d.partition, help=f"partition (default {d.partition})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                   help="clip each local step's gradient to this L2 norm (default 0 = off)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help=f"cells run in parallel (default {d.workers})")
     p.add_argument("--attacks", type=_csv(str), default=d.attacks, help="comma-separated matrix rows")
@@ -478,7 +480,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
         opts = RobustnessOptions(honest=ns.honest, byzantine=ns.byzantine, rounds=ns.rounds, fanout=ns.fanout,
                                  local_steps=ns.local_steps, f=ns.f, task=ns.task, partition=ns.partition,
-                                 seed=ns.seed, workers=ns.workers, attacks=ns.attacks, defenses=ns.defenses,
+                                 seed=ns.seed, max_grad_norm=ns.max_grad_norm, workers=ns.workers,
+                                 attacks=ns.attacks, defenses=ns.defenses,
                                  sybil_counts=ns.sybils, sybil_defenses=ns.sybil_defenses, json_path=ns.json,
                                  plot_path=ns.plot)
 

@@ -199,6 +199,9 @@ class InprocSwarm:
         self.nodes: list[Node] = []
         self.rows: list[dict[str, Any]] = []
         self.clock = RoundClock()
+        # indices of nodes taken out of the run: they make no more rounds and are not evaluated at the
+        # end (their transport still answers; whoever removes them also takes them out of the views)
+        self.removed: set[int] = set()
         identities = [Identity.simulated(f"{opts.seed}/{i}") for i in range(opts.nodes)]
         # Sybil identities are one attacker: each knows the others' peer ids (its allies)
         allies = ([ident.peer_id for ident in identities[opts.nodes - opts.byzantine:]]
@@ -219,38 +222,55 @@ class InprocSwarm:
                 peer_id=identity.peer_id, swarm="inproc", maddrs=(), round=0, mode=opts.mode,
                 codec=opts.codec, model_fingerprint=b"", timestamp=time.time())
 
-    async def run(self, progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-        """Run every round on every node; return the final per-node results."""
+    def up(self) -> list[int]:
+        """Indices of the nodes still in the run (not :attr:`removed`)."""
+        return [i for i in range(len(self.nodes)) if i not in self.removed]
+
+    async def run(self, progress: Callable[[int], None] | None = None, *,
+                  after_round: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+        """Run every round on every node still up; return the final per-node results of those.
+
+        ``after_round(r)`` runs after round ``r``'s rows are written, before ``progress(r)``: a scenario
+        takes nodes out there (:attr:`removed`).
+        """
         for node in self.nodes:
             await node.transport.start(node.serve)
         for r in range(1, self.opts.rounds + 1):
             self.clock.now = r * ROUND_S
-            reports = await asyncio.gather(*(n.run_round() for n in self.nodes))
-            for i, (node, rep) in enumerate(zip(self.nodes, reports)):
+            up = self.up()
+            reports = await asyncio.gather(*(self.nodes[i].run_round() for i in up))
+            for i, rep in zip(up, reports, strict=True):
+                node = self.nodes[i]
                 self.rows.append({"event": "round", "node": i, "role": node.role, **node.counters(),
                                   **asdict(rep)})
+            if after_round is not None:
+                after_round(r)
             if progress is not None:
                 progress(r)
+        up = self.up()
         if self.opts.mode == "spsa":  # exchange only, until every scalar has reached every node
-            await asyncio.gather(*(n.drain() for n in self.nodes))  # type: ignore[attr-defined]
+            await asyncio.gather(*(self.nodes[i].drain() for i in up))  # type: ignore[attr-defined]
         n_eval = self.opts.final_eval_samples
-        finals = await asyncio.gather(*(asyncio.to_thread(n.trainer.evaluate, n_eval) for n in self.nodes))
+        finals = await asyncio.gather(*(asyncio.to_thread(self.nodes[i].trainer.evaluate, n_eval)
+                                        for i in up))
         results = []
-        for i, (node, (acc, loss)) in enumerate(zip(self.nodes, finals)):
+        for i, (acc, loss) in zip(up, finals, strict=True):
+            node = self.nodes[i]
             row = {"event": "final", "node": i, **node.counters(), "rounds": node.round, "round": node.round,
                    "test_accuracy": acc, "test_loss": loss}
             self.rows.append(row)
             results.append(row)
         return results
 
-    def execute(self, progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    def execute(self, progress: Callable[[int], None] | None = None, *,
+                after_round: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
         """:meth:`run` to the end on a new event loop: one thread if ``opts.fixed``, else worker threads."""
         if not self.opts.fixed:
-            return asyncio.run(self.run(progress))
+            return asyncio.run(self.run(progress, after_round=after_round))
         from p2pnode.sim.core import inline_loop_factory
 
         with asyncio.Runner(loop_factory=inline_loop_factory()) as runner:
-            return runner.run(self.run(progress))
+            return runner.run(self.run(progress, after_round=after_round))
 
     def models(self, honest_only: bool = True) -> torch.Tensor:
         """The current flat models stacked, shape ``(n, d)``."""

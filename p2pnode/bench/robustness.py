@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pnode.bench import load_results
+from p2pnode.errors import ConfigError
 from p2pnode.outputs import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class RobustnessOptions:
     partition: str = "dirichlet:1"
     task: str = "fashion-mnist"
     seed: int = 0
+    # TaskConfig.max_grad_norm for every node (0 = off). Without a clip some Sybil cells' local training
+    # diverges and the swarm collapses whatever the defense (BENCHMARKS.md, Sybil table).
+    max_grad_norm: float = 0.0
     workers: int = 2
     attacks: tuple[str, ...] = MATRIX_ATTACKS
     defenses: tuple[str, ...] = MATRIX_DEFENSES
@@ -116,7 +120,7 @@ def _run_cell(cell: dict[str, Any], opts_dict: dict[str, Any]) -> dict[str, Any]
     run = InprocOptions(nodes=opts.honest + byzantine, byzantine=byzantine, attack=attack, rounds=opts.rounds,
                         task=opts.task, partition=opts.partition, fanout=opts.fanout,
                         local_steps=opts.local_steps, defense=cell["defense"], seed=opts.seed,
-                        final_eval_samples=5000)
+                        final_eval_samples=5000, max_grad_norm=opts.max_grad_norm)
     summary = run_inproc(run, measure=_targeted_success if sybil else None)
     return {**cell, "honest_accuracy_mean": summary["honest_accuracy_mean"],
             "honest_accuracy_min": summary["honest_accuracy_min"], "wall_time_s": summary["wall_time_s"],
@@ -124,11 +128,29 @@ def _run_cell(cell: dict[str, Any], opts_dict: dict[str, Any]) -> dict[str, Any]
             **summary.get("measures", {})}
 
 
+# options that change a cell's figures: a file's cells may only be resumed under the same values
+CELL_SETTINGS = ("honest", "byzantine", "rounds", "fanout", "local_steps", "f", "multi_krum_m", "partition",
+                 "task", "seed", "max_grad_norm")
+
+
+def _check_resumable(stored: dict[str, Any] | None, opts_dict: dict[str, Any], path: Path) -> None:
+    """ConfigError if ``path``'s cells were run under other :data:`CELL_SETTINGS` than ``opts_dict``'s."""
+    if not stored:
+        return
+    defaults = asdict(RobustnessOptions())  # files written before a setting existed ran at its default
+    differ = [f"{k} {stored.get(k, defaults[k])!r} there, {opts_dict[k]!r} now" for k in CELL_SETTINGS
+              if stored.get(k, defaults[k]) != opts_dict[k]]
+    if differ:
+        raise ConfigError("--json", str(path), "a file of cells run with these settings, or a new one; this "
+                          f"one's differ: {'; '.join(differ)}")
+
+
 def run_robustness(opts: RobustnessOptions, *,
                    on_cell: Callable[[dict[str, Any], int, int], None] | None = None) -> dict[str, Any]:
     """Run every missing cell (resuming from ``opts.json_path``), write the JSON and the plot."""
     opts_dict = asdict(opts)
     data = load_results(opts.json_path, "cells")
+    _check_resumable(data.get("options"), opts_dict, opts.json_path)
     data["options"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in opts_dict.items()}
     done = {_key(c) for c in data["cells"]}
     todo = [c for c in _cells(opts) if _key(c) not in done]

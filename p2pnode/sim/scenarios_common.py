@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import multiprocessing
 import os
@@ -22,7 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,27 +92,6 @@ def rounds_to_target(curve: Sequence[float], target: float) -> int | None:
     return next((i + 1 for i, acc in enumerate(curve) if acc >= target), None)
 
 
-async def _drive(swarm: Any, plan: SwarmPlan, directory: Any) -> list[int]:
-    """Run every round on the nodes still up; remove ``plan.removed`` after ``plan.remove_after``."""
-    from p2pnode.inproc import ROUND_S
-
-    for node in swarm.nodes:
-        await node.transport.start(node.serve)
-    up = list(range(len(swarm.nodes)))
-    for r in range(1, swarm.opts.rounds + 1):
-        swarm.clock.now = r * ROUND_S
-        reports = await asyncio.gather(*(swarm.nodes[i].run_round() for i in up))
-        for i, rep in zip(up, reports):
-            node = swarm.nodes[i]
-            swarm.rows.append({"event": "round", "node": i, "role": node.role, **node.counters(),
-                               **asdict(rep)})
-        if plan.removed and r == plan.remove_after:
-            for i in plan.removed:
-                directory.set_alive(i, False)
-            up = [i for i in up if i not in set(plan.removed)]
-    return up
-
-
 def run_swarm(plan: SwarmPlan) -> dict[str, Any]:
     """Run one planned swarm; return honest accuracy figures of the evaluated nodes (and the extras).
 
@@ -122,7 +100,6 @@ def run_swarm(plan: SwarmPlan) -> dict[str, Any]:
     import torch
 
     from p2pnode.inproc import InprocOptions, InprocSwarm
-    from p2pnode.sim.core import inline_loop_factory
 
     torch.set_num_threads(1)
     t0 = time.time()
@@ -131,10 +108,17 @@ def run_swarm(plan: SwarmPlan) -> dict[str, Any]:
     directory = _install_views(swarm, plan.adjacency, opts.seed)
     for i in plan.relays:
         setattr(swarm.nodes[i], "local_training", _no_training)  # noqa: B010 (instance override)
-    with asyncio.Runner(loop_factory=inline_loop_factory()) as runner:
-        up = runner.run(_drive(swarm, plan, directory))
-    keep = [i for i in up if swarm.nodes[i].role == "honest" and i not in set(plan.relays)]
-    accs = [swarm.nodes[i].trainer.evaluate(opts.final_eval_samples)[0] for i in keep]
+
+    def remove_planned(r: int) -> None:  # remove plan.removed after round plan.remove_after
+        if plan.removed and r == plan.remove_after:
+            for i in plan.removed:
+                directory.set_alive(i, False)
+            swarm.removed.update(plan.removed)
+
+    finals = swarm.execute(after_round=remove_planned)  # one thread: opts.fixed is the default
+    keep = [row["node"] for row in finals
+            if swarm.nodes[row["node"]].role == "honest" and row["node"] not in set(plan.relays)]
+    accs = [row["test_accuracy"] for row in finals if row["node"] in set(keep)]
     result: dict[str, Any] = {
         "honest_accuracy_mean": statistics.fmean(accs), "honest_accuracy_min": min(accs),
         "evaluated_nodes": len(keep), "wall_time_s": round(time.time() - t0, 1),

@@ -75,3 +75,34 @@ def test_a_fixed_run_is_fixed_by_its_seed_and_a_threaded_one_still_learns() -> N
     assert accuracies(0) == first
     assert accuracies(1) != first
     assert min(accuracies(0, fixed=False)) > 0.6  # worker threads: timing-dependent, still learning
+
+
+def test_a_robustness_file_is_resumed_only_under_the_settings_its_cells_ran_with(tmp_path: Path) -> None:
+    from p2pnode.bench.robustness import _check_resumable
+    from p2pnode.errors import ConfigError
+
+    path = tmp_path / "cells.json"
+    stored = {k: getattr(RobustnessOptions(), k) for k in RobustnessOptions.__dataclass_fields__}
+    stored.pop("max_grad_norm")  # a file written before the clip existed ran without one
+    unclipped = {**stored, "max_grad_norm": 0.0}
+    _check_resumable(stored, {**unclipped, "workers": 1}, path)  # how many run at once changes nothing
+
+    with pytest.raises(ConfigError, match=r"max_grad_norm 0\.0 there, 5\.0 now"):
+        _check_resumable(stored, {**unclipped, "max_grad_norm": 5.0}, path)
+    with pytest.raises(ConfigError, match="seed 0 there, 1 now"):
+        _check_resumable(stored, {**unclipped, "seed": 1}, path)
+
+
+def test_a_node_removed_after_a_round_makes_no_more_rounds_and_is_not_evaluated() -> None:
+    swarm = InprocSwarm(InprocOptions(nodes=4, task="digits", rounds=3, local_steps=2))
+
+    def remove_last(r: int) -> None:
+        if r == 1:
+            swarm.removed.add(3)
+
+    finals = swarm.execute(after_round=remove_last)
+
+    assert [row["node"] for row in finals] == [0, 1, 2]
+    assert swarm.nodes[3].round == 1
+    assert [swarm.nodes[i].round for i in range(3)] == [3, 3, 3]
+    assert sum(1 for row in swarm.rows if row["event"] == "round" and row["node"] == 3) == 1

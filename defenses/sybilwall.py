@@ -6,7 +6,8 @@ peer FoolsGold-style by how *unlike* every other known history its own is (DESIG
 
 - ``cs`` = cosine similarity matrix of the histories, zero diagonal;
 - ``v_a = max_b cs_ab``; pardoning: ``cs_ab *= v_a / v_b`` where ``v_a < v_b``;
-- ``w = 1 − max_b cs_ab``, clip [0, 1], ``w /= max w``, ``w = ln(w / (1 − w)) + 0.5``, clip [0, 1];
+- ``w = 1 − max_b cs_ab``, clip [0, 1], ``w /= max w``, ``w = ln(w / (1 − w)) + 0.5``, clip [0, 1]
+  (``max w``: see "The scale of the weights");
 - merge: ``θ_i ← (θ_i + Σ_{p ∈ R} w_p m_p) / (1 + Σ_{p ∈ R} w_p)`` — own weight exactly 1.
 
 Histories (choices where the paper leaves room)
@@ -84,6 +85,30 @@ the two are alike: 1 / 5 / 15 Sybils 0.16% / 0.18% / 0.21% of class 0 read as 1 
 Without the clip that table collapses in some runs under either reference (local training diverging;
 BENCHMARKS.md, Sybil table).
 
+The scale of the weights
+------------------------
+FoolsGold's ``w /= max w`` takes the largest uniqueness of the clients being aggregated, and the logit
+then zeroes every peer below 0.377 of it. Here the known histories are of two kinds: the peers this node
+observed (relative histories, against this node's reference) and gossiped records (each origin's own sum
+of local updates, observer-free and more unique by nature). The scale is the largest uniqueness among the
+observed peers, raised to :data:`RECORD_SCALE_SHARE` (0.25) × the largest of all known histories when that
+is more; records still take part in every cosine, so a Sybil whose twin is known only by its record is
+still caught. Until 2026-11-27 every known history set the scale. That starved nodes: a node whose
+merges gave its neighbours weight 0 trained alone, its own model drifted, the reference (where our own
+model counts 1) followed it, every neighbour's history then shared ``−`` that drift and looked alike, and
+a far origin's record (uniqueness 0.94) kept them all below the cut (0.05–0.17) for good: on the cut
+below at seed 1, one node merged nothing in 12 rounds and three ended at chance (0.107). Measured on that
+cut (honest accuracy mean / worst node, then 0→1 success mean / worst; every record setting the scale →
+this rule): seed 1, 1 Sybil 0.490 / 0.107, 4.8% / 89% → 0.559 / 0.372, 2.3% / 37% (plain mean 0.569 /
+0.318); 5 Sybils 0.508 / 0.097, 0.7% / 8.4% → 0.561 / 0.313, 0.6% / 3.2%; 15 Sybils 0.515 / 0.191, 0.6% /
+5.6% → 0.550 / 0.294, 0.6% / 6.7%; seed 0, 1 Sybil 0.611 / 0.369, 4.0% / 56% → 0.616 / 0.448, 4.8% / 64%;
+5 Sybils 0.588 / 0.275, 0.6% / 5.5% → 0.589 / 0.260, 0.7% / 5.0%; 15 Sybils 0.581 / 0.185, 0.7% / 5.2% →
+0.593 / 0.188, 0.6% / 5.1% (``scripts/sybilwall_reference_study.py current|all-norm M --seed S``; with
+the share at 0, ``obs-norm``, the same figures in the two cells tried). The share bounds what a forged
+record can do to the scale (before, one record claiming uniqueness 1 set it for everyone). What it does
+not fix: a node that has observed only near-identical Sybils, and knows no other history, gives them
+full weight, as before.
+
 - ``h_p`` starts from 0 and only ever adds updates (the reference code starts from the full model,
   which turns ``h_p`` into a model whose shared initialisation dominates every cosine). When the swarm's
   common initial model ``θ_0`` is known (``base``: every node builds it from the swarm seed), ``θ_0`` is
@@ -119,6 +144,10 @@ import torch
 from defenses.base import Aggregator, MergeContext, stack_inputs
 
 LOGIT_EPS = 1e-6
+# The scale of the weights (FoolsGold's ``max w``) is the largest uniqueness among the peers a node has
+# observed, or this share of the largest among all known histories (gossiped records included) when
+# that is larger ("The scale of the weights" in the module docstring).
+RECORD_SCALE_SHARE = 0.25
 NOISE_W = 1e-9  # 1 − max cs below this is rounding noise of identical histories: weight 0
 
 
@@ -164,14 +193,18 @@ def weights_from_similarity(cs: torch.Tensor, *, pardoning: bool = True) -> torc
     return weights_from_uniqueness(uniqueness(cs, pardoning=pardoning))
 
 
-def weights_from_uniqueness(w: torch.Tensor) -> torch.Tensor:
-    """FoolsGold's ``w /= max w``, ``ln(w / (1 − w)) + 0.5``, clip [0, 1] on :func:`uniqueness` ``(n,)``."""
+def weights_from_uniqueness(w: torch.Tensor, top: float | None = None) -> torch.Tensor:
+    """FoolsGold's ``w /= max w``, ``ln(w / (1 − w)) + 0.5``, clip [0, 1] on :func:`uniqueness` ``(n,)``.
+
+    ``top`` replaces ``max w`` as the scale (a row above it counts as ``top``, weight 1); with ``top``
+    0 (or ``max w`` 0 when it is not given) every weight is 0.
+    """
     if w.numel() == 0:
         return w.clone()
-    top = w.max()
-    if top <= 0:
+    scale = float(w.max()) if top is None else top
+    if scale <= 0:
         return torch.zeros_like(w)
-    w = (w / top).clamp(LOGIT_EPS, 1.0 - LOGIT_EPS)  # guard ln(0) and division by 1 − 1
+    w = (w / scale).clamp(LOGIT_EPS, 1.0 - LOGIT_EPS)  # guard ln(0) and division by 1 − 1
     return (torch.log(w / (1.0 - w)) + 0.5).clamp(0.0, 1.0)
 
 
@@ -180,10 +213,15 @@ def sybilwall_weights(histories: torch.Tensor) -> torch.Tensor:
     return sybilwall_scores(histories)[0]
 
 
-def sybilwall_scores(histories: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sybilwall_scores(histories: torch.Tensor, scale_rows: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """FoolsGold weights and :func:`uniqueness` ``(n,)`` each, of ``n`` peers' histories ``(n, d)``.
 
-    A zero history gets 0 in both and takes no part in the others' similarities.
+    A zero history gets 0 in both and takes no part in the others' similarities. Every row takes part
+    in the similarities. The scale of the weights (``w /= max w``, :func:`weights_from_uniqueness`) is
+    the largest uniqueness of all rows, or with ``scale_rows`` (the observed peers, listed first) the
+    largest of the first ``scale_rows`` rows, raised to :data:`RECORD_SCALE_SHARE` × the largest of
+    all rows if that is more.
 
     Similarities are computed in float64: converged honest histories can differ from each other only in
     the fifth decimal of their cosines, near-identical Sybil histories in the seventh, and the
@@ -204,7 +242,11 @@ def sybilwall_scores(histories: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if live.any():
         cs = cosine_matrix(histories[live].double())  # (m, m); fp64: 1 − cs near 0 is what separates peers
         unique[live] = uniqueness(cs)
-        weights[live] = weights_from_uniqueness(unique[live])
+        top = None
+        if scale_rows is not None:
+            observed = float(unique[:scale_rows].max()) if scale_rows > 0 else 0.0
+            top = max(observed, RECORD_SCALE_SHARE * float(unique.max()))
+        weights[live] = weights_from_uniqueness(unique[live], top)
     return weights, unique
 
 
@@ -426,7 +468,7 @@ class SybilWall(Aggregator):
             histories[row].copy_(entry.h)
         for row, peer in enumerate(gossiped, start=len(state.histories)):
             histories[row].copy_(_checked(records[peer], own, f"record of {peer}"))
-        weights, unique = sybilwall_scores(histories)
+        weights, unique = sybilwall_scores(histories, scale_rows=len(state.histories))
         return dict(zip(ids, weights.tolist(), strict=True)), dict(zip(ids, unique.tolist(), strict=True))
 
 

@@ -14,6 +14,7 @@ import msgpack
 import pytest
 import torch
 
+import defenses.sybilwall as sw
 from defenses.base import MergeContext
 from defenses.sybilwall import (
     SybilWall,
@@ -22,6 +23,7 @@ from defenses.sybilwall import (
     first_sight_uniqueness,
     observe_model,
     pardon,
+    sybilwall_scores,
     sybilwall_weights,
     weighted_median,
     weighted_merge,
@@ -103,6 +105,22 @@ def test_weights_follow_the_logit_formula_between_the_clips() -> None:
     w = weights_from_similarity(cs, pardoning=False)
     assert w[0] == pytest.approx(math.log(0.55 / 0.45) + 0.5)
     assert w[2] == 1.0
+
+
+def test_a_gossiped_record_raises_the_scale_of_the_weights_only_to_its_share() -> None:
+    # observed a, b alike at cosine 0.8 (uniqueness 0.2 each); a record r unlike both (uniqueness 1)
+    a, b, r = torch.zeros(3, D, dtype=torch.float64)
+    a[0], b[0], b[1], r[2] = 1.0, 0.8, 0.6, 1.0
+    histories = torch.stack([a, b, r])
+
+    every_row = sybilwall_scores(histories)[0]
+    observed_scale = sybilwall_scores(histories, scale_rows=2)[0]
+
+    # every row setting the scale: 0.2 / 1 is below FoolsGold's cut (0.377), a and b get 0
+    assert every_row[:2].tolist() == [0.0, 0.0]
+    # the record raises the scale to RECORD_SCALE_SHARE x 1 = 0.25 only: 0.2 / 0.25 = 0.8 -> weight 1
+    assert sw.RECORD_SCALE_SHARE == 0.25
+    assert observed_scale[:2].tolist() == [1.0, 1.0]
 
 
 def test_a_zero_history_gets_weight_zero_and_does_not_affect_the_others() -> None:

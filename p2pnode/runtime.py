@@ -96,7 +96,8 @@ class NodeRuntime:
         # here, not at the top: hivemind (DHT, libp2p) is only needed where a real node runs
         # (in-process swarms and benches run where it is absent)
         from p2pnode.byzantine import make_node
-        from p2pnode.membership import Membership, create_dht, visible_maddrs
+        from p2pnode.dht import create_dht, visible_maddrs
+        from p2pnode.membership import Membership
         from p2pnode.transport.p2p import P2PTransport
 
         cfg, net = self.config, self.config.network

@@ -19,9 +19,10 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
+from p2pnode.dht import create_dht, visible_maddrs
 from p2pnode.errors import IdentityError, PeerUnreachable
 from p2pnode.identity import Identity, save_identity
-from p2pnode.membership import Ed25519RecordValidator, Membership, create_dht, swarm_key, visible_maddrs
+from p2pnode.membership import Ed25519RecordValidator, Membership, swarm_key
 from protocols.records import MembershipRecord, pack_record
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

@@ -22,8 +22,9 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from p2pnode import membership as membership_module
+from p2pnode.dht import create_dht, visible_maddrs
 from p2pnode.identity import Identity, grind_identity, save_identity
-from p2pnode.membership import Ed25519RecordValidator, Membership, create_dht, swarm_key, visible_maddrs
+from p2pnode.membership import Ed25519RecordValidator, Membership, swarm_key
 from protocols.pow import pow_bits_of
 from protocols.records import MembershipRecord, pack_record
 from tests.integration.test_membership_dht import SWARM, FakeDHT

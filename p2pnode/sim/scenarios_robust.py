@@ -59,7 +59,8 @@ def sybilwall_config(quick: bool) -> dict[str, Any]:
             # the plain-median reference (sybilwall:relative) was captured by 5 and 15 Sybils here at seed 0
             # (not at seed 1); the weighted one, the default, at neither (docs/sim/scenarios.md). Stored
             # runs: cad9d68 (seed 0, all three, rows relabelled to today's names), 55ef9ad (seed 1),
-            # 73055b1 (plain), c7adca2 (weighted)
+            # b1c2b82 (the default's column, both seeds, with the weights' new scale), 73055b1 (plain),
+            # c7adca2 (weighted)
             "defenses": ("mean", "sybilwall:relative", "sybilwall")}
 
 

@@ -7,7 +7,8 @@ to one rule against the stored rows (docs/sim/scenarios/sybilwall/).
     OMP_NUM_THREADS=1 python scripts/sybilwall_scenario_column.py [--defense sybilwall] [--seed 1]
         [--workers 2] [--json FILE]
 
-Prints one JSON line per cell (honest accuracy mean/min, 0→1 success mean/worst).
+Prints one JSON line per cell: every figure the scenario stores for it (honest accuracy mean/min, 0→1
+success mean/worst, local divergences, ...).
 """
 
 from __future__ import annotations
@@ -29,11 +30,9 @@ def main() -> None:
     ns = p.parse_args()
     cfg = {**sybilwall_config(False), "defenses": (ns.defense,)}
     cells = [c for c in sybilwall_cells(cfg, ns.seed) if c["sybils"] > 0]  # no control: it is plain mean
-    keys = ("honest_accuracy_mean", "honest_accuracy_min", "targeted_success_mean", "targeted_success_max",
-            "wall_time_s")
     rows = []
     for row in run_cells(cells, sybilwall_cell, workers=ns.workers, progress=print):
-        out = {"row": row["row"], "seed": ns.seed, **{k: row.get(k) for k in keys}, "error": row.get("error")}
+        out = {"error": None, **{k: v for k, v in row.items() if k != "cfg"}}  # every figure of the cell
         rows.append(out)
         print(json.dumps(out), flush=True)
     if ns.json is not None:

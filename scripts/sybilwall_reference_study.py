@@ -149,8 +149,10 @@ def main() -> None:
     res = run_swarm(SwarmPlan(options=opts, adjacency=adj, measure_targeted=(0, 1)))
     worst = []  # the five worst honest nodes: what their merges weighed
     if swarms:
-        honest = [i for i, n in enumerate(swarms[0].nodes) if n.role == "honest"]
-        acc = {i: swarms[0].nodes[i].trainer.evaluate(opts["final_eval_samples"])[0] for i in honest}
+        # the run's own final evaluation of each honest node (InprocSwarm.run writes it as a "final" row)
+        acc = {row["node"]: row["test_accuracy"] for row in swarms[0].rows
+               if row["event"] == "final" and swarms[0].nodes[row["node"]].role == "honest"}
+        honest = list(acc)
         for i in sorted(honest, key=acc.get)[:5]:
             sums = merge_sums.get(id(swarms[0].nodes[i].merge_state), [])
             worst.append({"node": i, "acc": round(acc[i], 3), "degree": sum(j < ns.honest for j in adj[i]),

@@ -116,9 +116,10 @@ def run_swarm(plan: SwarmPlan) -> dict[str, Any]:
             swarm.removed.update(plan.removed)
 
     finals = swarm.execute(after_round=remove_planned)  # one thread: opts.fixed is the default
-    keep = [row["node"] for row in finals
-            if swarm.nodes[row["node"]].role == "honest" and row["node"] not in set(plan.relays)]
-    accs = [row["test_accuracy"] for row in finals if row["node"] in set(keep)]
+    relays = set(plan.relays)
+    kept = [row for row in finals if swarm.nodes[row["node"]].role == "honest" and row["node"] not in relays]
+    keep = [row["node"] for row in kept]
+    accs = [row["test_accuracy"] for row in kept]
     result: dict[str, Any] = {
         "honest_accuracy_mean": statistics.fmean(accs), "honest_accuracy_min": min(accs),
         "evaluated_nodes": len(keep), "wall_time_s": round(time.time() - t0, 1),
